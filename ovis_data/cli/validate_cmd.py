@@ -1,0 +1,95 @@
+"""`ovis-data validate`: check meta files against image folders and report every bad sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..imagecheck import DEFAULT_MAX_PIXELS, ImageLimits
+from ..registry import load_registry, resolve_root, select
+from ..report import summary_table, write_report
+from ..validate import validate_dataset
+from .app import app
+from .common import InfoOption, RootOption, console
+
+
+@app.command("validate")
+def validate(
+    names: Annotated[list[str] | None, typer.Argument(help="Datasets to check (default: all).")] = None,
+    root: RootOption = None,
+    stage: Annotated[int | None, typer.Option(help="Only the datasets of this stage (1, 2 or 3).")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Write a JSON report of counts and bad samples.")
+    ] = None,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Fully decode every image (slower, thorough).")
+    ] = False,
+    meta_only: Annotated[
+        bool, typer.Option("--meta-only", help="Check meta files and file existence only; open no image.")
+    ] = False,
+    processes: Annotated[
+        int | None, typer.Option(help="Worker processes for image checks (default: all cores).")
+    ] = None,
+    catalog_dir: Annotated[
+        Path | None, typer.Option(help="Where catalogs go (default: ROOT/catalogs).")
+    ] = None,
+    min_side: Annotated[int, typer.Option(help="Reject images whose shorter side is below this.")] = 1,
+    max_aspect: Annotated[
+        float | None, typer.Option(help="Reject images more elongated than this ratio.")
+    ] = None,
+    max_pixels: Annotated[
+        int, typer.Option(help="Larger images are decompression bombs.")
+    ] = DEFAULT_MAX_PIXELS,
+    dataset_info: InfoOption = None,
+) -> None:
+    """Check meta files against their images; write the catalogs of good samples that pack reads.
+
+    Default mode reads every image's header (size, format, end marker); --deep decodes fully in parallel;
+    --meta-only checks the meta files and that each image exists. Exit status: 0 when every sample is
+    good, 1 when some are bad (catalogs still written), 2 for usage or configuration errors.
+
+    Example: ovis-data validate llava-finetune-665k --root /data/ovis --report bad.json
+    """
+    if deep and meta_only:
+        raise typer.BadParameter("--deep and --meta-only exclude each other")
+    registry = load_registry(dataset_info)
+    specs = select(registry, names)
+    if stage is not None:
+        specs = [s for s in specs if s.stage == stage]
+    base = resolve_root(root)
+    mode = "meta" if meta_only else ("deep" if deep else "header")
+    limits = ImageLimits(max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
+    results = []
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("datasets", total=len(specs), rate="")
+        images = bar.add_task("images", total=None, rate="", visible=mode != "meta")
+
+        def on_images(name: str, done: int, total: int) -> None:
+            elapsed = bar.tasks[images].elapsed or 0.0
+            rate = f"{done / elapsed:,.0f} img/s" if elapsed > 0 else ""
+            bar.update(images, completed=done, total=total, description=f"images of {name}", rate=rate)
+
+        for spec in specs:
+            bar.update(task, description=f"validating {spec.name}")
+            bar.reset(images, total=None)
+            results.append(
+                validate_dataset(spec, base, mode, limits, processes, catalog_dir, progress=on_images)
+            )
+            bar.advance(task)
+    console.print(summary_table(results))
+    if report:
+        write_report(report, results, base, catalog_dir)
+        console.print(f"report written to {report}")
+    bad = sum(r.bad for r in results) + sum(1 for r in results if r.error)
+    raise typer.Exit(1 if bad else 0)

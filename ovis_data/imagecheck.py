@@ -1,0 +1,116 @@
+"""Per-image checks run in worker processes: header (default) or full decode (--deep).
+
+A worker gets (location, offset, size) triples: a file path with offset -1 for the files layout, or a
+tar shard with the member's byte range for the shards layout. It returns (width, height, reason, detail)
+with a stable snake_case reason, or reason None for a good image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+# Pillow's default limit (about 89.5 megapixels): a larger image is treated as a decompression bomb.
+DEFAULT_MAX_PIXELS = 89_478_485
+Location = tuple[str, int, int]
+Result = tuple[int | None, int | None, str | None, str | None]
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = 1
+    max_aspect: float | None = None  # longer side / shorter side
+
+
+def _read(loc: Location) -> bytes:
+    path, offset, size = loc
+    if offset < 0:
+        with open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError(f"short read of {size} bytes at offset {offset}")
+    return data
+
+
+def _looks_truncated(fmt: str | None, data: bytes) -> bool:
+    """Cheap end-of-stream check for header mode: a JPEG ends with EOI, a PNG with its IEND chunk."""
+    tail = data[-64:]
+    if fmt == "JPEG":
+        return b"\xff\xd9" not in tail
+    if fmt == "PNG":
+        return b"IEND" not in tail
+    return False
+
+
+def check_image(loc: Location, deep: bool, limits: ImageLimits) -> Result:
+    try:
+        data = _read(loc)
+    except FileNotFoundError:
+        return None, None, "missing_image", "file vanished during validation"
+    except OSError as e:
+        return None, None, "unreadable_file", str(e)
+    if not data:
+        return None, None, "empty_file", "0 bytes"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                return (
+                    width,
+                    height,
+                    "decompression_bomb",
+                    f"{width}x{height} exceeds {limits.max_pixels} pixels",
+                )
+            if deep:
+                img.load()
+            elif _looks_truncated(img.format, data):
+                return width, height, "truncated_image", f"{img.format} stream has no end marker"
+    except UnidentifiedImageError:
+        return None, None, "not_an_image", f"{len(data)} bytes that no image decoder recognises"
+    except Image.DecompressionBombError as e:
+        return None, None, "decompression_bomb", str(e)
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = "truncated_image" if "truncated" in str(e) else "decode_error"
+        return None, None, reason, str(e)
+    if min(width, height) < limits.min_side:
+        return width, height, "image_too_small", f"{width}x{height}, minimum side {limits.min_side}"
+    if limits.max_aspect and max(width, height) / max(1, min(width, height)) > limits.max_aspect:
+        return width, height, "extreme_aspect_ratio", f"{width}x{height}, limit {limits.max_aspect}:1"
+    return width, height, None, None
+
+
+def _check_chunk(args: tuple[list[Location], bool, ImageLimits]) -> list[Result]:
+    locs, deep, limits = args
+    return [check_image(loc, deep, limits) for loc in locs]
+
+
+def check_images(
+    locations: Iterable[list[Location]], deep: bool, limits: ImageLimits, processes: int | None
+) -> Iterator[list[Result]]:
+    """Check chunks of locations in order, over `processes` worker processes (all cores by default)."""
+    processes = processes or os.cpu_count() or 1
+    tasks = ((chunk, deep, limits) for chunk in locations)
+    if processes == 1:
+        yield from map(_check_chunk, tasks)
+        return
+    with ProcessPoolExecutor(processes) as pool:
+        # map() submits everything up front; bound the in-flight chunks so 10M paths never sit in memory.
+        pending = []
+        for task in tasks:
+            pending.append(pool.submit(_check_chunk, task))
+            if len(pending) >= processes * 4:
+                yield pending.pop(0).result()
+        for fut in pending:
+            yield fut.result()
