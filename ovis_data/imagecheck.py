@@ -82,7 +82,7 @@ def check_image(loc: Location, deep: bool, limits: ImageLimits) -> Result:
     except Image.DecompressionBombError as e:
         return None, None, "decompression_bomb", str(e)
     except (OSError, SyntaxError, ValueError) as e:
-        reason = "truncated_image" if "truncated" in str(e) else "decode_error"
+        reason = "truncated_image" if "truncated" in str(e).lower() else "decode_error"
         return None, None, reason, str(e)
     if min(width, height) < limits.min_side:
         return width, height, "image_too_small", f"{width}x{height}, minimum side {limits.min_side}"

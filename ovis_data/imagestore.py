@@ -21,6 +21,7 @@ INDEX_NAME = "index.parquet"
 INDEX_SCHEMA = pa.schema(
     [("image_path", pa.string()), ("tar", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]
 )
+FETCH_BOOKKEEPING = ".fetch"  # image_dir/.fetch/: `ovis-data fetch` bookkeeping, never an image
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -67,7 +68,8 @@ class ImageStore:
                         paths.append(name)
                         linked_out.append(not self._inside(entry.path))
                     elif entry.is_dir(follow_symlinks=False):
-                        stack.append(name)
+                        if name != FETCH_BOOKKEEPING:  # fetch's status files and temporaries
+                            stack.append(name)
                     else:
                         paths.append(name)
                         linked_out.append(False)

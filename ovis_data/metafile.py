@@ -177,4 +177,9 @@ def load_meta(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, path: Path) -> 
         missing = [c for c in ("caption", "image_path") if c not in present]
         if missing:
             raise OvisDataError(f"{path}: caption meta file lacks column(s) {missing}")
-    return con.execute("SELECT count(*) FROM meta").fetchone()[0]
+    # './a.jpg' names the same file as 'a.jpg': normalize once so joins and the catalog agree.
+    con.execute(
+        r"""UPDATE meta SET images = [regexp_replace(x, '^(\./)+', '') for x in images]
+            WHERE list_bool_or([starts_with(x, './') for x in images])"""
+    )
+    return con.execute("SELECT count(*) FROM meta").fetchall()[0][0]

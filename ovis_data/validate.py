@@ -57,7 +57,7 @@ WITH u AS (
   SELECT row, generate_subscripts(images, 1) AS idx, unnest(images) AS raw_path
   FROM meta WHERE reason IS NULL AND len(images) > 0
 )
-SELECT row, idx, regexp_replace(raw_path, '^(\\./)+', '') AS path,
+SELECT row, idx, raw_path AS path,
   CASE
     WHEN raw_path = '' THEN 'empty path'
     WHEN starts_with(raw_path, '/') OR starts_with(raw_path, '\\') OR regexp_matches(raw_path, '^[A-Za-z]:')
@@ -103,7 +103,7 @@ def _check_headers(
                    ON x.image_path = i.path WHERE i.reason IS NULL ORDER BY i.path"""
     else:
         query = "SELECT DISTINCT path, NULL, -1, 0 FROM img WHERE reason IS NULL ORDER BY path"
-    total = con.execute(f"SELECT count(*) FROM ({query})").fetchone()[0]
+    total = con.execute(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
     base = str(store.image_dir)
     paths: list[pa.Array] = []
 
@@ -156,7 +156,8 @@ def _fold_images_into_samples(con: duckdb.DuckDBPyConnection) -> None:
     )
     con.execute(
         """CREATE OR REPLACE TEMP TABLE sizes AS
-           SELECT row, list(width ORDER BY idx) AS widths, list(height ORDER BY idx) AS heights
+           SELECT row, CASE WHEN bool_and(width IS NOT NULL) THEN list(width ORDER BY idx) END AS widths,
+             CASE WHEN bool_and(height IS NOT NULL) THEN list(height ORDER BY idx) END AS heights
            FROM img GROUP BY row"""
     )
 
@@ -175,10 +176,14 @@ def _write_outputs(
 ):
     directory = catalog_dir(root, out)
     directory.mkdir(parents=True, exist_ok=True)
-    has_sizes = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'sizes'").fetchone()[0]
+    has_sizes = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'sizes'").fetchall()[0][0]
     sizes_join = "LEFT JOIN sizes s USING (row)" if has_sizes else ""
+    # Text-only samples have no image sizes to know: an empty list, not null ("not checked").
+    none = "CASE WHEN len(m.images) = 0 THEN []::INTEGER[] END"
     size_cols = (
-        "s.widths, s.heights" if has_sizes else "NULL::INTEGER[] AS widths, NULL::INTEGER[] AS heights"
+        f"coalesce(s.widths, {none}) AS widths, coalesce(s.heights, {none}) AS heights"
+        if has_sizes
+        else f"{none} AS widths, {none} AS heights"
     )
     cols = ", ".join(f.name for f in CATALOG_SCHEMA)
     targets = [

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import OvisDataError
 from .app import app
@@ -24,5 +25,5 @@ def main() -> None:
     try:
         app()
     except OvisDataError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)

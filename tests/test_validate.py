@@ -1,0 +1,362 @@
+"""validate on real files: every reason, every meta-file form, both image layouts."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ovis_data.catalog import read_catalog, rejected_path
+from ovis_data.errors import OvisDataError
+from ovis_data.imagecheck import ImageLimits
+from ovis_data.imagestore import ImageStore, build_index
+from ovis_data.registry import load_registry
+from ovis_data.validate import validate_dataset
+
+
+def jpeg(w: int = 64, h: int = 48, color=(200, 30, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png(w: int = 40, h: int = 30) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGBA", (w, h), (0, 120, 0, 128)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def corrupt_png() -> bytes:
+    """A PNG whose header and IEND chunk are intact but whose compressed pixel data is garbage."""
+    buf = io.BytesIO()
+    Image.effect_noise((128, 128), 60).convert("RGB").save(buf, "PNG")
+    b = bytearray(buf.getvalue())
+    start = b.index(b"IDAT") + 40
+    b[start : start + 200] = bytes(range(200))
+    return bytes(b)
+
+
+def human(text: str) -> dict:
+    return {"from": "human", "value": text}
+
+
+def gpt(text: str) -> dict:
+    return {"from": "gpt", "value": text}
+
+
+def make_root(tmp_path: Path) -> tuple[Path, Path]:
+    """A root with one dataset of each form; returns (root, dataset_info path)."""
+    root = tmp_path / "root"
+    imgs = root / "images" / "set"
+    (imgs / "sub").mkdir(parents=True)
+    (root / "meta_files").mkdir()
+    (imgs / "a.jpg").write_bytes(jpeg())
+    (imgs / "sub" / "b.png").write_bytes(png())
+    (imgs / "c.jpg").write_bytes(jpeg(100, 80, (1, 2, 3)))
+    (imgs / "empty.jpg").write_bytes(b"")
+    (imgs / "page.jpg").write_text("<html><body>not found</body></html>")
+    good = jpeg(300, 200)
+    (imgs / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    (imgs / "corrupt.png").write_bytes(corrupt_png())
+    Image.new("1", (12000, 8000)).save(imgs / "bomb.png")
+    (imgs / "tiny.jpg").write_bytes(jpeg(4, 4))
+    (imgs / "banner.jpg").write_bytes(jpeg(400, 20))
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(jpeg())
+    os.symlink(secret, imgs / "link_out.jpg")
+    os.symlink(imgs / "a.jpg", imgs / "link_in.jpg")
+    info = {
+        "conv": {"meta_file": "conv.json", "image_dir": "set", "data_format": "conversation", "stage": 3},
+        "lines": {"meta_file": "lines.jsonl", "image_dir": "set", "data_format": "conversation", "stage": 3},
+        "caps": {"meta_file": "caps.parquet", "image_dir": "set", "data_format": "caption", "stage": 1},
+        "text": {"meta_file": "text.json", "image_dir": None, "data_format": "conversation", "stage": 3},
+        "nodir": {
+            "meta_file": "nodir.json",
+            "image_dir": "absent",
+            "data_format": "conversation",
+            "stage": 3,
+        },
+        "nometa": {"meta_file": "nometa.json", "image_dir": "set", "data_format": "conversation", "stage": 3},
+    }
+    path = tmp_path / "info.json"
+    path.write_text(json.dumps(info))
+    return root, path
+
+
+CONV_ROWS = [
+    # (sample, expected reason or None)
+    ({"id": "ok1", "image": "a.jpg", "conversations": [human("<image>\nWhat?"), gpt("A red square.")]}, None),
+    (
+        {
+            "id": "ok2",
+            "image": ["sub/b.png", "./c.jpg"],
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                human("<image> and <image>: differ?"),
+                gpt("Yes."),
+                human("Sure?"),
+                gpt("Yes!"),
+            ],
+        },
+        None,
+    ),
+    ({"id": 17, "image": ["link_in.jpg"], "conversations": [human("<image>"), gpt("ok")]}, None),
+    ({"id": "t1", "conversations": [human("Hi"), gpt("Hello")]}, None),
+    ({"id": "nofield", "image": "a.jpg"}, "missing_field"),
+    (
+        {"id": "noval", "image": "a.jpg", "conversations": [human("<image>"), {"from": "gpt"}]},
+        "missing_field",
+    ),
+    ({"id": "strconv", "conversations": "hello"}, "bad_type"),
+    ({"id": "numval", "conversations": [human("hi"), gpt(42)]}, "bad_type"),
+    ({"id": "numimg", "image": 7, "conversations": [human("<image>"), gpt("x")]}, "bad_type"),
+    ({"id": "empty", "image": "a.jpg", "conversations": []}, "empty_conversation"),
+    (
+        {
+            "id": "role",
+            "image": "a.jpg",
+            "conversations": [human("<image>"), {"from": "assistant", "value": "x"}],
+        },
+        "unknown_role",
+    ),
+    (
+        {"id": "marks", "image": ["a.jpg", "c.jpg"], "conversations": [human("<image> only one"), gpt("x")]},
+        "image_marker_mismatch",
+    ),
+    (
+        {"id": "nomark", "image": "a.jpg", "conversations": [human("no marker"), gpt("x")]},
+        "image_marker_mismatch",
+    ),
+    ({"id": "ok1", "image": "a.jpg", "conversations": [human("<image>"), gpt("dup")]}, "duplicate_id"),
+    ({"id": "abs", "image": "/etc/passwd", "conversations": [human("<image>"), gpt("x")]}, "unsafe_path"),
+    (
+        {"id": "dots", "image": "sub/../../secret.jpg", "conversations": [human("<image>"), gpt("x")]},
+        "unsafe_path",
+    ),
+    ({"id": "link", "image": "link_out.jpg", "conversations": [human("<image>"), gpt("x")]}, "unsafe_path"),
+    ({"id": "miss", "image": "nope.jpg", "conversations": [human("<image>"), gpt("x")]}, "missing_image"),
+    ({"id": "zero", "image": "empty.jpg", "conversations": [human("<image>"), gpt("x")]}, "empty_file"),
+    ({"id": "html", "image": "page.jpg", "conversations": [human("<image>"), gpt("x")]}, "not_an_image"),
+    ({"id": "trunc", "image": "trunc.jpg", "conversations": [human("<image>"), gpt("x")]}, "truncated_image"),
+    (
+        {"id": "bomb", "image": "bomb.png", "conversations": [human("<image>"), gpt("x")]},
+        "decompression_bomb",
+    ),
+    (
+        {
+            "id": "second_bad",
+            "image": ["a.jpg", "nope2.jpg"],
+            "conversations": [human("<image><image>"), gpt("x")],
+        },
+        "missing_image",
+    ),
+]
+
+
+def write_meta(root: Path) -> None:
+    meta = root / "meta_files"
+    (meta / "conv.json").write_text(json.dumps([s for s, _ in CONV_ROWS]))
+    (meta / "lines.jsonl").write_text("\n".join(json.dumps(s) for s, _ in CONV_ROWS[:4]) + "\n")
+    (meta / "text.json").write_text(
+        json.dumps(
+            [
+                {"id": "a", "conversations": [human("Tell me a joke"), gpt("No.")]},
+                {"id": "b", "image": "a.jpg", "conversations": [human("<image>"), gpt("x")]},
+            ]
+        )
+    )
+    (meta / "nodir.json").write_text(json.dumps([CONV_ROWS[0][0], CONV_ROWS[3][0]]))
+    pq.write_table(
+        pa.table(
+            {
+                "image_path": ["a.jpg", "c.jpg", "c.jpg", None, "nope.jpg"],
+                "caption": ["A red square <image> here.", "Dark.", "  ", "no image", "gone"],
+                "image_url": ["http://x/a.jpg"] * 5,
+            }
+        ),
+        meta / "caps.parquet",
+    )
+
+
+@pytest.fixture
+def root_info(tmp_path: Path) -> tuple[Path, dict]:
+    root, info = make_root(tmp_path)
+    write_meta(root)
+    return root, load_registry(info)
+
+
+def rejected(root: Path, name: str) -> dict[str, str]:
+    table = pq.read_table(rejected_path(root, name)).to_pylist()
+    return {r["id"]: r["reason"] for r in table}
+
+
+@pytest.mark.parametrize("mode", ["header", "deep"])
+def test_every_conversation_reason(root_info, mode):
+    root, reg = root_info
+    result = validate_dataset(reg["conv"], root, mode=mode, processes=2)
+    expected_bad = {s["id"] if isinstance(s["id"], str) else str(s["id"]): r for s, r in CONV_ROWS if r}
+    got = rejected(root, "conv")
+    assert got == expected_bad
+    assert result.total == len(CONV_ROWS)
+    assert result.good == 4 and result.bad == len(expected_bad)
+    assert sum(result.by_reason.values()) == result.bad
+    cat = read_catalog(root, "conv").to_pylist()
+    assert [r["id"] for r in cat] == ["ok1", "ok2", "17", "t1"]
+    two = cat[1]
+    assert (
+        two["images"] == ["sub/b.png", "c.jpg"] and two["widths"] == [40, 100] and two["heights"] == [30, 80]
+    )
+    assert two["roles"] == ["system", "human", "gpt", "human", "gpt"]
+    assert cat[3]["images"] == [] and cat[3]["texts"] == ["Hi", "Hello"]
+    assert [r["row"] for r in cat] == [0, 1, 2, 3]
+
+
+def test_deep_mode_catches_corrupt_data_that_headers_miss(root_info):
+    root, reg = root_info
+    meta = root / "meta_files" / "conv.json"
+    meta.write_text(
+        json.dumps([{"id": "c", "image": "corrupt.png", "conversations": [human("<image>"), gpt("x")]}])
+    )
+    assert validate_dataset(reg["conv"], root, mode="header").bad == 0
+    deep = validate_dataset(reg["conv"], root, mode="deep", processes=1)
+    assert deep.by_reason == {"decode_error": 1}
+
+
+def test_size_and_aspect_limits(root_info):
+    root, reg = root_info
+    meta = root / "meta_files" / "conv.json"
+    rows = [
+        {"id": n, "image": f, "conversations": [human("<image>"), gpt("x")]}
+        for n, f in (("t", "tiny.jpg"), ("b", "banner.jpg"), ("a", "a.jpg"))
+    ]
+    meta.write_text(json.dumps(rows))
+    res = validate_dataset(reg["conv"], root, limits=ImageLimits(min_side=8, max_aspect=10.0))
+    assert rejected(root, "conv") == {"t": "image_too_small", "b": "extreme_aspect_ratio"}
+    assert res.good == 1
+
+
+def test_meta_only_mode_opens_no_image(root_info):
+    root, reg = root_info
+    res = validate_dataset(reg["conv"], root, mode="meta")
+    got = rejected(root, "conv")
+    # Existence and safety are still checked; content problems need header or deep mode.
+    assert got["miss"] == "missing_image" and got["link"] == "unsafe_path"
+    assert "zero" not in got and "html" not in got and "bomb" not in got
+    assert read_catalog(root, "conv").column("widths").to_pylist()[0] is None
+    assert res.total == len(CONV_ROWS)
+
+
+def test_json_lines_caption_and_text_only_forms(root_info):
+    root, reg = root_info
+    lines = validate_dataset(reg["lines"], root)
+    assert (lines.total, lines.good) == (4, 4)
+    caps = validate_dataset(reg["caps"], root)
+    assert caps.by_reason == {"empty_caption": 1, "missing_field": 1, "missing_image": 1}
+    cat = read_catalog(root, "caps").to_pylist()
+    assert [(r["images"], r["caption"], r["id"]) for r in cat] == [
+        (["a.jpg"], "A red square <image> here.", "caps-0"),
+        (["c.jpg"], "Dark.", "caps-1"),
+    ]
+    text = validate_dataset(reg["text"], root)
+    assert text.by_reason == {"unexpected_image": 1} and text.good == 1
+
+
+def test_missing_meta_file_or_image_dir_is_reported_per_dataset(root_info):
+    root, reg = root_info
+    nometa = validate_dataset(reg["nometa"], root)
+    assert nometa.error.startswith("meta_file_missing") and nometa.total == 0
+    nodir = validate_dataset(reg["nodir"], root)
+    assert nodir.error.startswith("image_dir_missing")
+    assert nodir.by_reason == {"image_dir_missing": 1} and nodir.good == 1  # the text-only sample is fine
+
+
+def test_malformed_json_names_file_and_position(root_info):
+    root, reg = root_info
+    meta = root / "meta_files" / "conv.json"
+    meta.write_text('[\n {"id": "a", "conversations": []},\n {"id": "b",, }\n]')
+    with pytest.raises(OvisDataError, match=r"conv\.json: malformed JSON at line 3 column"):
+        validate_dataset(reg["conv"], root)
+
+
+def write_shards(image_dir: Path, images: dict[str, bytes], per_shard: int = 2) -> None:
+    """The shards layout as fetch (or img2dataset) writes it: tar + parquet + _stats.json marker."""
+    image_dir.mkdir(parents=True)
+    items = sorted(images.items())
+    for s in range(0, len(items), per_shard):
+        name = f"{s // per_shard:05d}"
+        with tarfile.open(image_dir / f"{name}.tar", "w") as tf:
+            for k, (path, data) in enumerate(items[s : s + per_shard]):
+                key = f"{name}{k:04d}"
+                for ext, payload in (("jpg", data), ("json", json.dumps({"image_path": path}).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tf.addfile(info, io.BytesIO(payload))
+        (image_dir / f"{name}_stats.json").write_text("{}")
+
+
+def test_shards_layout_is_read_through_the_index(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "meta_files").mkdir(parents=True)
+    good = jpeg(50, 70)
+    write_shards(
+        root / "images" / "set", {"x/1.jpg": good, "x/2.jpg": jpeg(20, 10), "x/3.jpg": good[: len(good) // 2]}
+    )
+    rows = [
+        {"id": str(i), "image": f"x/{i}.jpg", "conversations": [human("<image>"), gpt("x")]}
+        for i in (1, 2, 3, 4)
+    ]
+    (root / "meta_files" / "m.json").write_text(json.dumps(rows))
+    info = tmp_path / "info.json"
+    info.write_text(
+        json.dumps(
+            {"m": {"meta_file": "m.json", "image_dir": "set", "data_format": "conversation", "stage": 3}}
+        )
+    )
+    spec = load_registry(info)["m"]
+    res = validate_dataset(spec, root, processes=2)
+    assert res.by_reason == {"missing_image": 1, "truncated_image": 1}
+    cat = read_catalog(root, "m").to_pylist()
+    assert [(r["images"], r["widths"], r["heights"]) for r in cat] == [
+        (["x/1.jpg"], [50], [70]),
+        (["x/2.jpg"], [20], [10]),
+    ]
+    store = ImageStore(root / "images" / "set")
+    assert store.layout == "shards" and store.read_bytes("x/1.jpg") == good
+    assert build_index(root / "images" / "set").num_rows == 3
+
+
+def test_demo_corpus_catches_each_planted_fault(demo_root: Path, tmp_path: Path):
+    reg = load_registry()
+    found = {}
+    for spec in reg.values():
+        res = validate_dataset(spec, demo_root, catalog_out=tmp_path / "cat")
+        assert res.error is None, res.error
+        found.update({(spec.name, k): v for k, v in res.by_reason.items()})
+    assert found == {
+        ("coyo-10m", "missing_image"): 3,
+        ("coyo-10m", "empty_caption"): 1,
+        ("llava-pretrain-558k", "missing_image"): 1,
+        ("llava-pretrain-558k", "truncated_image"): 1,
+        ("sharegpt4v-pretrain-82k", "not_an_image"): 1,
+        ("sharegpt4v-pretrain-82k", "empty_file"): 1,
+        ("laion-description-11k", "unknown_role"): 1,
+        ("textvqa-train-35k", "image_marker_mismatch"): 1,
+        ("geo-177k", "unsafe_path"): 1,
+        ("q-instruct-198k", "duplicate_id"): 1,
+        ("synthdog-en-ocr-200k", "decompression_bomb"): 1,
+        ("allava-evol-instruct-143k", "empty_conversation"): 1,
+    }
+    multi = [
+        r
+        for name in reg
+        for r in read_catalog(demo_root, name, tmp_path / "cat").to_pylist()
+        if len(r["images"]) > 1
+    ]
+    assert multi and all(len(r["widths"]) == len(r["images"]) for r in multi)
