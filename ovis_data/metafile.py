@@ -1,8 +1,10 @@
 """Read any meta-file form (JSON list, JSON lines, parquet) into a normalized DuckDB table, streaming.
 
-Parsing happens in DuckDB's native reader: a multi-GB meta file never becomes Python dicts. Every
-column is read as JSON so that one sample with a wrong type is a per-sample schema error, not a
-failure of the whole file. The table `meta` gets: row, id, images, roles, texts, caption, reason, detail.
+Parsing happens in DuckDB's native reader: a multi-GB meta file never becomes Python dicts. A typed
+read of the conversations is tried first (fast); when some sample does not fit that shape (say,
+"conversations" is a string), the file is read again with every column as JSON so that the bad sample
+becomes a per-sample schema error, not a failure of the whole file. Turn values that are numbers are
+read as their text. The table `meta` gets: row, id, images, roles, texts, caption, reason, detail.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from .registry import DatasetSpec
 
 CONVERSATION_COLUMNS = ("id", "image", "conversations")
 CAPTION_COLUMNS = ("id", "image_path", "caption")
-ROLES = ("system", "human", "gpt")
+TYPED_CONVERSATIONS = {"conversations": 'STRUCT("from" VARCHAR, "value" VARCHAR)[]'}
 
 
-def _source_sql(path: Path, columns: tuple[str, ...], con: duckdb.DuckDBPyConnection) -> str:
-    """A SELECT yielding `row` plus each column as JSON (NULL when the key or column is absent)."""
+def _source_sql(
+    path: Path, columns: tuple[str, ...], con: duckdb.DuckDBPyConnection, typed: dict | None = None
+) -> str:
+    """A SELECT yielding `row` plus each column as JSON (or the given type); NULL when absent."""
     p = str(path).replace("'", "''")
     suffix = path.suffix.lower()
+    typed = typed or {}
     if suffix == ".parquet":
         present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{p}')").fetchall()}
         cols = ", ".join(
@@ -31,7 +36,7 @@ def _source_sql(path: Path, columns: tuple[str, ...], con: duckdb.DuckDBPyConnec
         )
         return f"SELECT row_number() OVER () - 1 AS row, {cols} FROM read_parquet('{p}')"
     if suffix in (".json", ".jsonl", ".ndjson"):
-        spec = "{" + ", ".join(f"'{c}': 'JSON'" for c in columns) + "}"
+        spec = "{" + ", ".join(f"'{c}': '{typed.get(c, 'JSON')}'" for c in columns) + "}"
         return (
             f"SELECT row_number() OVER () - 1 AS row, * FROM read_json('{p}', format='auto', "
             f"columns={spec}, maximum_object_size=268435456)"
@@ -58,72 +63,77 @@ def _json_position(path: Path, duck_error: str) -> str:
     return f"malformed JSON: {duck_error.splitlines()[0]}"
 
 
-# Three materialized steps: each JSON value is parsed once (CASE branches would re-evaluate it).
-_CONVERSATION_SQL = (
-    """
-CREATE OR REPLACE TEMP TABLE meta_raw AS
-SELECT row, id AS id_json, json_type(image) AS image_type, image AS image_json,
-  json_type(conversations) AS conv_type,
+# The scan is materialized on its own: numbering rows needs the whole input, and extracting in the
+# same statement ran single-threaded and 3x slower. Each JSON value is then parsed once.
+_TURNS_TYPED = """
+CREATE OR REPLACE TEMP TABLE meta_turns AS
+SELECT row, id AS id_json, image AS image_json, json_type(image) AS image_type,
+  CASE WHEN conversations IS NULL THEN 'NULL' ELSE 'ARRAY' END AS conv_type,
+  len(conversations) AS n_turns,
+  [t."from" for t in conversations] AS roles,
+  [t."value" for t in conversations] AS texts,
+  list_bool_or([t."from" IS NULL OR t."value" IS NULL for t in conversations]) AS missing_parts
+FROM meta_src
+"""
+
+_TURNS_JSON = """
+CREATE OR REPLACE TEMP TABLE meta_turns AS
+SELECT row, id AS id_json, image AS image_json, json_type(image) AS image_type,
+  coalesce(json_type(conversations), 'NULL') AS conv_type,
+  CASE WHEN json_type(conversations) = 'ARRAY' THEN json_array_length(conversations) END AS n_turns,
   json_extract_string(conversations, '$[*].from') AS roles,
-  json_extract(conversations, '$[*].value') AS vals,
-  CASE WHEN json_type(conversations) = 'ARRAY' THEN json_array_length(conversations) END AS n_turns
-FROM ({source})
-""",
-    """
-CREATE OR REPLACE TEMP TABLE meta_norm AS
-SELECT row,
-  CASE WHEN id_json IS NULL OR json_type(id_json) = 'NULL' THEN $dataset || '-' || row::VARCHAR
-       WHEN json_type(id_json) = 'VARCHAR' THEN id_json->>'$' ELSE id_json::VARCHAR END AS id,
-  CASE image_type WHEN 'VARCHAR' THEN [image_json->>'$']
-       WHEN 'ARRAY' THEN json_extract_string(image_json, '$[*]') ELSE []::VARCHAR[] END AS images,
-  image_type,
-  CASE WHEN image_type = 'ARRAY' THEN list_bool_or([json_type(x) <> 'VARCHAR'
-       for x in json_extract(image_json, '$[*]')]) END AS bad_image_items,
-  conv_type, n_turns, roles,
-  [v->>'$' for v in vals] AS texts,
-  list_bool_or([json_type(v) <> 'VARCHAR' for v in vals]) AS bad_values,
-  [r for r in roles if r NOT IN ('system', 'human', 'gpt')] AS unknown_roles
-FROM meta_raw
-""",
-    """
+  json_extract_string(conversations, '$[*].value') AS texts,
+  len(json_extract_string(conversations, '$[*].from')) <> json_array_length(conversations)
+    OR len(json_extract_string(conversations, '$[*].value')) <> json_array_length(conversations)
+    AS missing_parts
+FROM meta_src
+"""
+
+_CONVERSATION_FINAL = """
 CREATE OR REPLACE TEMP TABLE meta AS
-WITH m AS (
-  SELECT *, list_sum([(length(t) - length(replace(t, '<image>', ''))) // 7 for t in texts]) AS markers,
+WITH n AS (
+  SELECT row, conv_type, n_turns, roles, texts, missing_parts, image_type,
+    CASE WHEN id_json IS NULL OR json_type(id_json) = 'NULL' THEN $dataset || '-' || row::VARCHAR
+         WHEN json_type(id_json) = 'VARCHAR' THEN id_json->>'$' ELSE id_json::VARCHAR END AS id,
+    CASE image_type WHEN 'VARCHAR' THEN [image_json->>'$']
+         WHEN 'ARRAY' THEN json_extract_string(image_json, '$[*]') ELSE []::VARCHAR[] END AS images,
+    CASE WHEN image_type = 'ARRAY' THEN list_bool_or([json_type(x) <> 'VARCHAR'
+         for x in json_extract(image_json, '$[*]')]) END AS bad_image_items,
+    [r for r in roles if r NOT IN ('system', 'human', 'gpt')] AS unknown_roles,
+    list_sum([len(string_split(t, '<image>')) - 1 for t in texts]) AS markers
+  FROM meta_turns
+),
+m AS (
+  SELECT *,
     CASE
-      WHEN conv_type IS NULL OR conv_type = 'NULL' THEN 'missing_field'
+      WHEN conv_type = 'NULL' THEN 'missing_field'
       WHEN conv_type <> 'ARRAY' THEN 'bad_type'
       WHEN n_turns = 0 THEN 'empty_conversation'
       WHEN image_type NOT IN ('VARCHAR', 'ARRAY', 'NULL') OR bad_image_items THEN 'bad_type'
-      WHEN len(roles) <> n_turns OR len(texts) <> n_turns THEN 'missing_field'
-      WHEN bad_values THEN 'bad_type'
+      WHEN missing_parts THEN 'missing_field'
       WHEN len(unknown_roles) > 0 THEN 'unknown_role'
       WHEN NOT $has_images AND len(images) > 0 THEN 'unexpected_image'
-    END AS early
-  FROM meta_norm
+      WHEN coalesce(markers, 0) <> len(images) THEN 'image_marker_mismatch'
+    END AS reason
+  FROM n
 )
-SELECT row, id, images, roles, texts, NULL::VARCHAR AS caption,
-  coalesce(early, CASE WHEN coalesce(markers, 0) <> len(images) THEN 'image_marker_mismatch' END) AS reason,
-  CASE
-    WHEN early IS NULL AND coalesce(markers, 0) <> len(images)
+SELECT row, id, images, roles, texts, NULL::VARCHAR AS caption, reason,
+  CASE reason
+    WHEN 'missing_field' THEN CASE WHEN conv_type = 'NULL' THEN 'no "conversations"'
+                                   ELSE 'a turn lacks "from" or "value"' END
+    WHEN 'bad_type' THEN CASE
+      WHEN conv_type <> 'ARRAY' THEN '"conversations" is ' || conv_type || ', not a list'
+      WHEN bad_image_items THEN '"image" list holds a non-string'
+      ELSE '"image" is ' || image_type || ', not a string or a list of strings' END
+    WHEN 'empty_conversation' THEN '"conversations" is empty'
+    WHEN 'unknown_role'
+      THEN 'role ' || to_json(unknown_roles[1])::VARCHAR || ' is not one of system, human, gpt'
+    WHEN 'unexpected_image' THEN 'text-only dataset (no image_dir) but the sample names images'
+    WHEN 'image_marker_mismatch'
       THEN coalesce(markers, 0)::VARCHAR || ' <image> marker(s) for ' || len(images)::VARCHAR || ' image(s)'
-    WHEN early IS NULL THEN NULL
-    WHEN conv_type IS NULL OR conv_type = 'NULL' THEN 'no "conversations"'
-    WHEN conv_type <> 'ARRAY' THEN '"conversations" is ' || conv_type || ', not a list'
-    WHEN n_turns = 0 THEN '"conversations" is empty'
-    WHEN image_type NOT IN ('VARCHAR', 'ARRAY', 'NULL')
-      THEN '"image" is ' || image_type || ', not a string or a list of strings'
-    WHEN bad_image_items THEN '"image" list holds a non-string'
-    WHEN len(roles) <> n_turns OR len(texts) <> n_turns THEN 'a turn lacks "from" or "value"'
-    WHEN bad_values THEN 'a turn''s "value" is not a string'
-    WHEN len(unknown_roles) > 0 THEN 'role ' || to_json(unknown_roles[1])::VARCHAR
-      || ' is not one of system, human, gpt'
-    ELSE 'text-only dataset (no image_dir) but the sample names images'
   END AS detail
-FROM m ORDER BY row
-""",
-    "DROP TABLE meta_raw",
-    "DROP TABLE meta_norm",
-)
+FROM m
+"""
 
 _CAPTION_SQL = (
     """
@@ -156,18 +166,31 @@ FROM src
 )
 
 
+def _run(con: duckdb.DuckDBPyConnection, statements: list[str], params: dict[str, object]) -> None:
+    for sql in statements:
+        con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
+
+
 def load_meta(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, path: Path) -> int:
     """Create the temp table `meta` for one dataset's meta file; returns its number of rows."""
-    columns = CAPTION_COLUMNS if spec.data_format == "caption" else CONVERSATION_COLUMNS
-    template = _CAPTION_SQL if spec.data_format == "caption" else _CONVERSATION_SQL
     params: dict[str, object] = {"dataset": spec.name, "has_images": spec.image_dir is not None}
     try:
-        source = _source_sql(path, columns, con)
-        for statement in template:
-            sql = statement.format(source=source)
-            con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
+        if spec.data_format == "caption":
+            source = _source_sql(path, CAPTION_COLUMNS, con)
+            _run(con, [s.format(source=source) for s in _CAPTION_SQL], params)
+        else:
+            try:
+                source = _source_sql(path, CONVERSATION_COLUMNS, con, TYPED_CONVERSATIONS)
+                _run(con, [f"CREATE OR REPLACE TEMP TABLE meta_src AS {source}", _TURNS_TYPED], params)
+            except duckdb.InvalidInputException as e:
+                if "transform error" not in str(e).lower() and "conversion" not in str(e).lower():
+                    raise
+                # Some sample does not fit the typed shape: read everything as JSON to name it.
+                source = _source_sql(path, CONVERSATION_COLUMNS, con)
+                _run(con, [f"CREATE OR REPLACE TEMP TABLE meta_src AS {source}", _TURNS_JSON], params)
+            _run(con, [_CONVERSATION_FINAL, "DROP TABLE meta_src", "DROP TABLE meta_turns"], params)
     except duckdb.InvalidInputException as e:
-        if "Malformed JSON" in str(e) or "JSON" in str(e):
+        if "JSON" in str(e):
             raise OvisDataError(f"{path}: {_json_position(path, str(e))}") from e
         raise OvisDataError(f"{path}: unreadable meta file: {str(e).splitlines()[0]}") from e
     except duckdb.IOException as e:

@@ -146,7 +146,7 @@ def _check_headers(
     con.unregister("hdr")
 
 
-def _fold_images_into_samples(con: duckdb.DuckDBPyConnection) -> None:
+def _fold_images_into_samples(con: duckdb.DuckDBPyConnection, with_sizes: bool) -> None:
     """A sample takes the reason of its first bad image; good samples get their image sizes."""
     con.execute(
         """UPDATE meta SET reason = b.reason, detail = b.detail FROM (
@@ -154,12 +154,13 @@ def _fold_images_into_samples(con: duckdb.DuckDBPyConnection) -> None:
              FROM img WHERE reason IS NOT NULL GROUP BY row) b
            WHERE meta.row = b.row"""
     )
-    con.execute(
-        """CREATE OR REPLACE TEMP TABLE sizes AS
-           SELECT row, CASE WHEN bool_and(width IS NOT NULL) THEN list(width ORDER BY idx) END AS widths,
-             CASE WHEN bool_and(height IS NOT NULL) THEN list(height ORDER BY idx) END AS heights
-           FROM img GROUP BY row"""
-    )
+    if with_sizes:
+        con.execute(
+            """UPDATE meta SET widths = s.widths, heights = s.heights FROM (
+                 SELECT row, list(width ORDER BY idx) AS widths, list(height ORDER BY idx) AS heights
+                 FROM img GROUP BY row) s
+               WHERE meta.row = s.row AND meta.reason IS NULL"""
+        )
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
@@ -173,24 +174,18 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
 
 def _write_outputs(
     con: duckdb.DuckDBPyConnection, spec: DatasetSpec, root: Path, out: Path | None, mode: str
-):
+) -> None:
+    """Catalog and rejected rows, each written to a temporary name then renamed (never half a file).
+
+    Sizes were folded into `meta` by UPDATE, so the output is a scan and one sort: no join.
+    """
     directory = catalog_dir(root, out)
     directory.mkdir(parents=True, exist_ok=True)
-    has_sizes = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'sizes'").fetchall()[0][0]
-    sizes_join = "LEFT JOIN sizes s USING (row)" if has_sizes else ""
-    # Text-only samples have no image sizes to know: an empty list, not null ("not checked").
-    none = "CASE WHEN len(m.images) = 0 THEN []::INTEGER[] END"
-    size_cols = (
-        f"coalesce(s.widths, {none}) AS widths, coalesce(s.heights, {none}) AS heights"
-        if has_sizes
-        else f"{none} AS widths, {none} AS heights"
-    )
     cols = ", ".join(f.name for f in CATALOG_SCHEMA)
     targets = [
         (
             catalog_path(root, spec.name, out),
-            f"""SELECT {cols} FROM (SELECT $dataset AS dataset, m.row, m.id, m.images, m.roles, m.texts,
-                  m.caption, {size_cols} FROM meta m {sizes_join} WHERE m.reason IS NULL) ORDER BY row""",
+            f"SELECT {cols} FROM (SELECT $dataset AS dataset, * FROM meta WHERE reason IS NULL) ORDER BY row",
         ),
         (
             rejected_path(root, spec.name, out),
@@ -228,6 +223,12 @@ def validate_dataset(
     con = _connect()
     try:
         result.total = load_meta(con, spec, meta_path)
+        # Text-only samples have no sizes to learn: an empty list; otherwise null until images are read.
+        con.execute(
+            """ALTER TABLE meta ADD COLUMN widths INTEGER[];
+               ALTER TABLE meta ADD COLUMN heights INTEGER[];
+               UPDATE meta SET widths = [], heights = [] WHERE len(images) = 0"""
+        )
         _mark_duplicates(con)
         image_dir = spec.image_path(root)
         if image_dir is not None and not image_dir.is_dir():
@@ -242,7 +243,7 @@ def validate_dataset(
             _mark_paths(con, store)
             if mode != "meta":
                 _check_headers(con, spec, store, mode == "deep", limits, processes, progress)
-            _fold_images_into_samples(con)
+            _fold_images_into_samples(con, with_sizes=mode != "meta")
         _write_outputs(con, spec, root, catalog_out, mode)
         rows = con.execute(
             "SELECT reason, count(*) FROM meta WHERE reason IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1"

@@ -109,13 +109,14 @@ CONV_ROWS = [
     ),
     ({"id": 17, "image": ["link_in.jpg"], "conversations": [human("<image>"), gpt("ok")]}, None),
     ({"id": "t1", "conversations": [human("Hi"), gpt("Hello")]}, None),
+    ({"id": "numval", "conversations": [human("hi"), gpt(42)]}, None),  # a number is read as its text
+    ({"id": "turnnum", "conversations": [human("hi"), 5]}, "missing_field"),
     ({"id": "nofield", "image": "a.jpg"}, "missing_field"),
     (
         {"id": "noval", "image": "a.jpg", "conversations": [human("<image>"), {"from": "gpt"}]},
         "missing_field",
     ),
     ({"id": "strconv", "conversations": "hello"}, "bad_type"),
-    ({"id": "numval", "conversations": [human("hi"), gpt(42)]}, "bad_type"),
     ({"id": "numimg", "image": 7, "conversations": [human("<image>"), gpt("x")]}, "bad_type"),
     ({"id": "empty", "image": "a.jpg", "conversations": []}, "empty_conversation"),
     (
@@ -205,17 +206,18 @@ def test_every_conversation_reason(root_info, mode):
     got = rejected(root, "conv")
     assert got == expected_bad
     assert result.total == len(CONV_ROWS)
-    assert result.good == 4 and result.bad == len(expected_bad)
+    assert result.good == 5 and result.bad == len(expected_bad)
     assert sum(result.by_reason.values()) == result.bad
     cat = read_catalog(root, "conv").to_pylist()
-    assert [r["id"] for r in cat] == ["ok1", "ok2", "17", "t1"]
+    assert [r["id"] for r in cat] == ["ok1", "ok2", "17", "t1", "numval"]
+    assert cat[4]["texts"] == ["hi", "42"]
     two = cat[1]
     assert (
         two["images"] == ["sub/b.png", "c.jpg"] and two["widths"] == [40, 100] and two["heights"] == [30, 80]
     )
     assert two["roles"] == ["system", "human", "gpt", "human", "gpt"]
     assert cat[3]["images"] == [] and cat[3]["texts"] == ["Hi", "Hello"]
-    assert [r["row"] for r in cat] == [0, 1, 2, 3]
+    assert [r["row"] for r in cat] == [0, 1, 2, 3, 4]
 
 
 def test_deep_mode_catches_corrupt_data_that_headers_miss(root_info):
@@ -360,3 +362,12 @@ def test_demo_corpus_catches_each_planted_fault(demo_root: Path, tmp_path: Path)
         if len(r["images"]) > 1
     ]
     assert multi and all(len(r["widths"]) == len(r["images"]) for r in multi)
+
+
+def test_typed_fast_path_gives_the_same_reasons(root_info):
+    """Without a row that breaks the typed read, the fast path must find exactly the same faults."""
+    root, reg = root_info
+    rows = [(s, r) for s, r in CONV_ROWS if s["id"] not in ("strconv", "turnnum")]
+    (root / "meta_files" / "conv.json").write_text(json.dumps([s for s, _ in rows]))
+    validate_dataset(reg["conv"], root, processes=1)
+    assert rejected(root, "conv") == {str(s["id"]): r for s, r in rows if r}
