@@ -66,7 +66,6 @@ def _json_position(path: Path, duck_error: str) -> str:
 # The scan is materialized on its own: numbering rows needs the whole input, and extracting in the
 # same statement ran single-threaded and 3x slower. Each JSON value is then parsed once.
 _TURNS_TYPED = """
-CREATE OR REPLACE TEMP TABLE meta_turns AS
 SELECT row, id AS id_json, image AS image_json, json_type(image) AS image_type,
   CASE WHEN conversations IS NULL THEN 'NULL' ELSE 'ARRAY' END AS conv_type,
   len(conversations) AS n_turns,
@@ -77,7 +76,6 @@ FROM meta_src
 """
 
 _TURNS_JSON = """
-CREATE OR REPLACE TEMP TABLE meta_turns AS
 SELECT row, id AS id_json, image AS image_json, json_type(image) AS image_type,
   coalesce(json_type(conversations), 'NULL') AS conv_type,
   CASE WHEN json_type(conversations) = 'ARRAY' THEN json_array_length(conversations) END AS n_turns,
@@ -91,7 +89,8 @@ FROM meta_src
 
 _CONVERSATION_FINAL = """
 CREATE OR REPLACE TEMP TABLE meta AS
-WITH n AS (
+WITH t AS ({turns}),
+n AS (
   SELECT row, conv_type, n_turns, roles, texts, missing_parts, image_type,
     CASE WHEN id_json IS NULL OR json_type(id_json) = 'NULL' THEN $dataset || '-' || row::VARCHAR
          WHEN json_type(id_json) = 'VARCHAR' THEN id_json->>'$' ELSE id_json::VARCHAR END AS id,
@@ -101,7 +100,7 @@ WITH n AS (
          for x in json_extract(image_json, '$[*]')]) END AS bad_image_items,
     [r for r in roles if r NOT IN ('system', 'human', 'gpt')] AS unknown_roles,
     list_sum([len(string_split(t, '<image>')) - 1 for t in texts]) AS markers
-  FROM meta_turns
+  FROM t
 ),
 m AS (
   SELECT *,
@@ -181,14 +180,16 @@ def load_meta(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, path: Path) -> 
         else:
             try:
                 source = _source_sql(path, CONVERSATION_COLUMNS, con, TYPED_CONVERSATIONS)
-                _run(con, [f"CREATE OR REPLACE TEMP TABLE meta_src AS {source}", _TURNS_TYPED], params)
+                _run(con, [f"CREATE OR REPLACE TEMP TABLE meta_src AS {source}"], params)
+                turns = _TURNS_TYPED
             except duckdb.InvalidInputException as e:
                 if "transform error" not in str(e).lower() and "conversion" not in str(e).lower():
                     raise
                 # Some sample does not fit the typed shape: read everything as JSON to name it.
                 source = _source_sql(path, CONVERSATION_COLUMNS, con)
-                _run(con, [f"CREATE OR REPLACE TEMP TABLE meta_src AS {source}", _TURNS_JSON], params)
-            _run(con, [_CONVERSATION_FINAL, "DROP TABLE meta_src", "DROP TABLE meta_turns"], params)
+                _run(con, [f"CREATE OR REPLACE TEMP TABLE meta_src AS {source}"], params)
+                turns = _TURNS_JSON
+            _run(con, [_CONVERSATION_FINAL.format(turns=turns), "DROP TABLE meta_src"], params)
     except duckdb.InvalidInputException as e:
         if "JSON" in str(e):
             raise OvisDataError(f"{path}: {_json_position(path, str(e))}") from e

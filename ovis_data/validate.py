@@ -167,7 +167,8 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         """UPDATE meta SET reason = 'duplicate_id', detail = 'id ' || to_json(meta.id)::VARCHAR
              || ' first seen at row ' || d.first_row::VARCHAR
-           FROM (SELECT row, min(row) OVER (PARTITION BY id) AS first_row FROM meta) d
+           FROM (SELECT row, min(row) OVER (PARTITION BY id) AS first_row FROM meta
+                 WHERE id IN (SELECT id FROM meta GROUP BY id HAVING count(*) > 1)) d
            WHERE meta.row = d.row AND d.first_row <> d.row AND meta.reason IS NULL"""
     )
 
