@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -29,61 +30,59 @@ class ImageLimits:
     max_aspect: float | None = None  # longer side / shorter side
 
 
-def _read(loc: Location) -> bytes:
+def _open(loc: Location) -> tuple[BinaryIO, int]:
+    """A readable stream of the image and its size: the file itself, or the member's bytes in a shard."""
     path, offset, size = loc
+    f = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed there
     if offset < 0:
-        with open(path, "rb") as f:
-            return f.read()
-    with open(path, "rb") as f:
+        return f, os.fstat(f.fileno()).st_size
+    with f:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
         raise OSError(f"short read of {size} bytes at offset {offset}")
-    return data
+    return io.BytesIO(data), size
 
 
-def _looks_truncated(fmt: str | None, data: bytes) -> bool:
+def _looks_truncated(fmt: str | None, stream: BinaryIO, size: int) -> bool:
     """Cheap end-of-stream check for header mode: a JPEG ends with EOI, a PNG with its IEND chunk."""
-    tail = data[-64:]
-    if fmt == "JPEG":
-        return b"\xff\xd9" not in tail
-    if fmt == "PNG":
-        return b"IEND" not in tail
-    return False
+    if fmt not in ("JPEG", "PNG"):
+        return False
+    stream.seek(max(0, size - 64))
+    tail = stream.read(64)
+    return (b"\xff\xd9" if fmt == "JPEG" else b"IEND") not in tail
 
 
 def check_image(loc: Location, deep: bool, limits: ImageLimits) -> Result:
+    """Header mode reads the header and the last bytes only; deep mode decodes every pixel."""
     try:
-        data = _read(loc)
+        stream, size = _open(loc)
     except FileNotFoundError:
         return None, None, "missing_image", "file vanished during validation"
     except OSError as e:
         return None, None, "unreadable_file", str(e)
-    if not data:
-        return None, None, "empty_file", "0 bytes"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > limits.max_pixels:
-                return (
-                    width,
-                    height,
-                    "decompression_bomb",
-                    f"{width}x{height} exceeds {limits.max_pixels} pixels",
-                )
-            if deep:
-                img.load()
-            elif _looks_truncated(img.format, data):
-                return width, height, "truncated_image", f"{img.format} stream has no end marker"
-    except UnidentifiedImageError:
-        return None, None, "not_an_image", f"{len(data)} bytes that no image decoder recognises"
-    except Image.DecompressionBombError as e:
-        return None, None, "decompression_bomb", str(e)
-    except (OSError, SyntaxError, ValueError) as e:
-        reason = "truncated_image" if "truncated" in str(e).lower() else "decode_error"
-        return None, None, reason, str(e)
+    with stream:
+        if size == 0:
+            return None, None, "empty_file", "0 bytes"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = Image.open(stream)
+                width, height = img.size
+                if width * height > limits.max_pixels:
+                    detail = f"{width}x{height} exceeds {limits.max_pixels} pixels"
+                    return width, height, "decompression_bomb", detail
+                if deep:
+                    img.load()
+                elif _looks_truncated(img.format, stream, size):
+                    return width, height, "truncated_image", f"{img.format} stream has no end marker"
+        except UnidentifiedImageError:
+            return None, None, "not_an_image", f"{size} bytes that no image decoder recognises"
+        except Image.DecompressionBombError as e:
+            return None, None, "decompression_bomb", str(e)
+        except (OSError, SyntaxError, ValueError) as e:
+            reason = "truncated_image" if "truncated" in str(e).lower() else "decode_error"
+            return None, None, reason, str(e)
     if min(width, height) < limits.min_side:
         return width, height, "image_too_small", f"{width}x{height}, minimum side {limits.min_side}"
     if limits.max_aspect and max(width, height) / max(1, min(width, height)) > limits.max_aspect:
