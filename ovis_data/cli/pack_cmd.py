@@ -1,0 +1,107 @@
+"""`ovis-data pack` and `ovis-data inspect`: argument parsing only; the work is in ovis_data.pack/inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..inspect import inspect_record, render_rich
+from ..pack import DEFAULT_VISUAL_TOKENS, PACKS_PER_SHARD, pack_stage
+from ..registry import load_registry
+from .app import app
+from .common import InfoOption, RootOption, console
+
+
+@app.command("pack")
+def pack(
+    stage: Annotated[int, typer.Option("--stage", help="Stage to pack (its recipe pipelines/stageN.toml).")],
+    tokenizer: Annotated[Path, typer.Option(help="Directory of the LLM's (fast) tokenizer.")],
+    out: Annotated[Path, typer.Option(help="Output folder; shards go to OUT/stageN/.")],
+    root: RootOption = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per packed sequence (default: the recipe's max_length).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffle, packing and subsampling.")] = 0,
+    processes: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")] = None,
+    visual_tokens: Annotated[
+        int, typer.Option(help="Visual tokens per image in the model (578 for Ovis v1).")
+    ] = DEFAULT_VISUAL_TOKENS,
+    packs_per_shard: Annotated[int, typer.Option(help="Packed sequences per tar shard.")] = PACKS_PER_SHARD,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace shards packed earlier from other inputs.")
+    ] = False,
+    dataset_info: InfoOption = None,
+) -> None:
+    """Pack a stage's validated samples into webdataset shards of fixed-capacity sequences.
+
+    Runs validation first for datasets without a catalog. A killed run resumes where it stopped; the same
+    inputs and seed give byte-identical shards whatever --processes.
+
+    Example: ovis-data pack --stage 3 --root /data/ovis --tokenizer /models/Qwen2.5-7B --out /data/packed
+    """
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(phase, total=total)
+            bar.update(tasks[phase], completed=done, total=total)
+
+        manifest = pack_stage(
+            stage,
+            root,
+            tokenizer,
+            out,
+            max_length=max_length,
+            seed=seed,
+            processes=processes,
+            visual_tokens=visual_tokens,
+            packs_per_shard=packs_per_shard,
+            overwrite=overwrite,
+            registry=load_registry(dataset_info),
+            progress=on_progress,
+        )
+    n = manifest["stage"]
+    table = Table(title=f"stage {n} packed into {Path(out) / f'stage{n}'}")
+    for col in ("dataset", "catalog", "selected", "packed", "dropped"):
+        table.add_column(col, justify="left" if col in ("dataset", "dropped") else "right")
+    for name, d in manifest["datasets"].items():
+        dropped = ", ".join(f"{k} {v}" for k, v in d["dropped"].items()) or "-"
+        table.add_row(name, str(d["catalog"]), str(d["selected"]), str(d["packed"]), dropped)
+    console.print(table)
+    console.print(
+        f"{manifest['records']:,} sequences of {manifest['capacity']} tokens in {len(manifest['shards'])} "
+        f"shards, fill {manifest['fill']:.2%}; dropped: "
+        + (", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none")
+    )
+
+
+@app.command("inspect")
+def inspect(
+    shard: Annotated[Path, typer.Argument(help="A packed shard (OUT/stageN/stageN-NNNNN.tar).")],
+    record: Annotated[str, typer.Option(help="Record number (0-based) or key.")] = "0",
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer to decode with (default: the one in manifest.json).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Decode one packed record: each sub-sample's text with supervised spans highlighted, image positions
+    marked, and where it came from (dataset, row, id)."""
+    which: int | str = int(record) if record.isdigit() else record
+    view = inspect_record(shard, which, tokenizer)
+    if as_json:
+        typer.echo(json.dumps(view, ensure_ascii=False, indent=1))
+    else:
+        console.print(render_rich(view))

@@ -1,0 +1,567 @@
+"""`ovis-data pack`: a stage's catalogs -> templates and tokens -> best-fit packs -> shards + manifest.
+
+Three phases, each resumable and each a pure function of its inputs (so any number of processes gives
+the same bytes):
+1. tokenize: one unit per (dataset, catalog row group), written to OUT/stageN/.work/tok/ as an Arrow
+   file of per-sample tokens, supervised mask and provenance;
+2. plan (one process, arrays only): drop by reason, apply mixture weights, best-fit-decreasing packing;
+3. write: one unit per shard of `packs_per_shard` packs; images read through the image store, resized,
+   stored as JPEG. A shard is renamed into place when complete; the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer
+
+from .catalog import catalog_path
+from .errors import OvisDataError
+from .imagestore import ImageStore
+from .packing import DEFAULT_BUFFER, best_fit_decreasing
+from .recipes import StageRecipe, load_recipe
+from .registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
+from .shards import Record, ShardWriter, resize_for_vit
+from .templates import IGNORE_ID, IMAGE_ID, ChatTemplateFormat, detect_chat_format
+from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity
+
+FORMAT = "ovis-packed-v1"
+DEFAULT_VISUAL_TOKENS = 578  # 576 patches + image begin/end tokens (OVIS_V1 section 4)
+PACKS_PER_SHARD = 1000
+TOKENIZE_BATCH = 4096
+WORK = ".work"
+MANIFEST = "manifest.json"
+Progress = Callable[[str, int, int], None]
+
+UNIT_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("id", pa.string()),
+        ("images", pa.list_(pa.string())),
+        ("ids", pa.list_(pa.int32())),
+        ("sup", pa.list_(pa.uint8())),  # uint8, not bool: numpy reads it without a copy
+        ("n_images", pa.int32()),  # placeholders in the tokens
+        ("n_supervised", pa.int32()),
+        ("error", pa.string()),  # why the template refused the sample, else null
+    ]
+)
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """Everything a worker needs, picklable."""
+
+    stage: int
+    root: str
+    out: str  # OUT/stageN
+    tokenizer_path: str
+    chat_format: str | None  # qwen | llama3 | gemma | chat_template; None for caption-only stages
+    capacity: int
+    visual_tokens: int
+    image_size: int
+    max_images: int
+    seed: int
+    image_dirs: dict  # dataset -> image_dir (None: text only)
+    packs_per_shard: int
+    buffer_size: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    dataset: str
+    data_format: str
+    catalog: str
+    row_group: int
+    caption_template: str | None
+    path: str  # the unit's Arrow file
+
+
+# -- worker state (one per process) -------------------------------------------------------------------
+_W: dict[str, Any] = {}
+
+
+def _init_worker(cfg: PackConfig, backend_json: str, units: list[Unit] | None, bases: np.ndarray | None):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes are the parallelism here
+    _W.clear()
+    _W.update(cfg=cfg, backend_json=backend_json, units=units, bases=bases, readers={}, stores={})
+
+
+def _encoder() -> SampleEncoder:
+    if "encoder" not in _W:
+        cfg: PackConfig = _W["cfg"]
+        if cfg.chat_format == "chat_template":  # needs the Hugging Face tokenizer's template engine
+            tok = load_tokenizer(cfg.tokenizer_path)
+            _W["encoder"] = SampleEncoder(tok, ChatTemplateFormat(tok))
+        else:
+            backend = Tokenizer.from_str(_W["backend_json"])
+            from .templates import FIXED_FORMATS
+
+            _W["encoder"] = SampleEncoder(backend, FIXED_FORMATS.get(cfg.chat_format or ""))
+    return _W["encoder"]
+
+
+# -- phase 1: tokenize ---------------------------------------------------------------------------------
+def _tokenize_unit(unit: Unit) -> str:
+    enc = _encoder()
+    pf = pq.ParquetFile(unit.catalog)
+    cols = (
+        ["row", "id", "images", "caption"]
+        if unit.data_format == "caption"
+        else ["row", "id", "images", "roles", "texts"]
+    )
+    tmp = Path(unit.path + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, UNIT_SCHEMA) as writer:
+        for batch in pf.iter_batches(batch_size=TOKENIZE_BATCH, row_groups=[unit.row_group], columns=cols):
+            if unit.data_format == "caption":
+                e = enc.encode_captions(batch.column("caption").to_pylist(), unit.caption_template)
+            else:
+                roles = [r or [] for r in batch.column("roles").to_pylist()]
+                texts = [t or [] for t in batch.column("texts").to_pylist()]
+                e = enc.encode_conversations(roles, texts)
+            offsets = pa.array(e.offsets.astype(np.int32))
+            images = batch.column("images")
+            if images.null_count:
+                images = pa.array([x or [] for x in images.to_pylist()], pa.list_(pa.string()))
+            writer.write_batch(
+                pa.record_batch(
+                    [
+                        batch.column("row"),
+                        batch.column("id"),
+                        images,
+                        pa.ListArray.from_arrays(offsets, pa.array(e.ids)),
+                        pa.ListArray.from_arrays(offsets, pa.array(e.supervised.view(np.uint8))),
+                        pa.array(e.n_images.astype(np.int32)),
+                        pa.array(e.n_supervised.astype(np.int32)),
+                        pa.array([e.errors.get(i) for i in range(len(e))], pa.string()),
+                    ],
+                    schema=UNIT_SCHEMA,
+                )
+            )
+    os.replace(tmp, unit.path)
+    return unit.path
+
+
+class _UnitReader:
+    """Random access to one unit's samples through a memory map (no copy of the tokens)."""
+
+    def __init__(self, path: str):
+        self.table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        self.batches = []
+        starts = [0]
+        for b in self.table.to_batches():
+            ids, sup = b.column("ids"), b.column("sup")
+            self.batches.append(
+                (b, ids.offsets.to_numpy(), ids.values.to_numpy(), sup.values.to_numpy().view(np.bool_))
+            )
+            starts.append(starts[-1] + b.num_rows)
+        self.starts = np.asarray(starts)
+
+    def sample(self, i: int) -> tuple[dict, np.ndarray, np.ndarray]:
+        k = int(np.searchsorted(self.starts, i, "right")) - 1
+        b, offsets, values, sup = self.batches[k]
+        j = i - int(self.starts[k])
+        a, z = offsets[j], offsets[j + 1]
+        meta = {
+            "row": b.column("row")[j].as_py(),
+            "id": b.column("id")[j].as_py(),
+            "images": b.column("images")[j].as_py() or [],
+        }
+        return meta, values[a:z], sup[a:z]
+
+
+# -- phase 3: write shards -----------------------------------------------------------------------------
+def shard_name(stage: int, index: int) -> str:
+    return f"stage{stage}-{index:05d}.tar"
+
+
+def _store(dataset: str) -> ImageStore | None:
+    stores = _W["stores"]
+    if dataset not in stores:
+        image_dir = _W["cfg"].image_dirs[dataset]
+        stores[dataset] = ImageStore(Path(image_dir)) if image_dir is not None else None
+    return stores[dataset]
+
+
+def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dict:
+    cfg: PackConfig = _W["cfg"]
+    units: list[Unit] = _W["units"]
+    bases: np.ndarray = _W["bases"]
+    readers: dict[int, _UnitReader] = _W["readers"]
+    name = shard_name(cfg.stage, index)
+    writer = ShardWriter(Path(cfg.out) / name)
+    stats: dict[str, Any] = {"name": name, "records": 0, "samples": 0, "tokens": 0, "input_ids": 0}
+    stats.update(images=0, datasets=Counter(), dropped=Counter())
+    try:
+        pos = 0
+        for p, size in enumerate(pack_sizes.tolist()):
+            ids_parts, sup_parts, lengths, jpgs, prov = [], [], [], [], []
+            for g in samples[pos : pos + size].tolist():
+                u = int(np.searchsorted(bases, g, "right")) - 1
+                if u not in readers:
+                    readers[u] = _UnitReader(units[u].path)
+                meta, ids, sup = readers[u].sample(g - int(bases[u]))
+                dataset = units[u].dataset
+                store = _store(dataset) if meta["images"] else None
+                try:
+                    sample_jpgs = [
+                        resize_for_vit(store.read_bytes(x), cfg.image_size)[0] for x in meta["images"]
+                    ]
+                except Exception:  # gone or broken since validation: drop the sample, keep the pack
+                    stats["dropped"]["image_unreadable"] += 1
+                    continue
+                ids_parts.append(ids)
+                sup_parts.append(sup)
+                lengths.append(len(ids))
+                jpgs += sample_jpgs
+                prov.append({"dataset": dataset, "row": meta["row"], "id": meta["id"]})
+                stats["datasets"][dataset] += 1
+            pos += size
+            if not prov:
+                continue
+            input_ids = np.concatenate(ids_parts).astype(np.int32)
+            labels = np.where(np.concatenate(sup_parts), input_ids, np.int32(IGNORE_ID)).astype(np.int32)
+            tokens = len(input_ids) + (cfg.visual_tokens - 1) * len(jpgs)
+            record = Record(
+                key=f"{index:05d}_{p:05d}",
+                input_ids=input_ids,
+                labels=labels,
+                lengths=np.asarray(lengths, dtype=np.int32),
+                images=jpgs,
+                meta={"samples": prov, "tokens": tokens, "images": len(jpgs)},
+            )
+            writer.write(record)
+            stats["records"] += 1
+            stats["samples"] += len(prov)
+            stats["tokens"] += tokens
+            stats["input_ids"] += len(input_ids)
+            stats["images"] += len(jpgs)
+        stats["datasets"] = dict(sorted(stats["datasets"].items()))
+        stats["dropped"] = dict(sorted(stats["dropped"].items()))
+        stats["sha256"], stats["bytes"] = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    # Written after the rename: a shard is done when its tar and its stats (with the sha256) are there.
+    _atomic_json(Path(cfg.out) / WORK / "shards" / f"{index:05d}.json", stats)
+    return stats
+
+
+# -- orchestration ------------------------------------------------------------------------------------
+def _atomic_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _ensure_catalogs(recipe: StageRecipe, registry: dict[str, DatasetSpec], root: Path, processes: int):
+    """Catalog paths of the recipe's datasets, running validation first where one is missing."""
+    paths = {}
+    for mix in recipe.datasets:
+        path = catalog_path(root, mix.name)
+        if not path.exists():
+            from .validate import validate_dataset
+
+            result = validate_dataset(registry[mix.name], root, processes=processes)
+            if result.error:
+                raise OvisDataError(f"{mix.name}: cannot validate before packing: {result.error}")
+            if not path.exists():
+                raise OvisDataError(f"{mix.name}: validation wrote no catalog at {path}")
+        paths[mix.name] = path
+    return paths
+
+
+def _run(
+    fn: Callable, tasks: list[tuple], processes: int, init: tuple, label: str, progress: Progress | None
+):
+    """Run fn(*task) for every task, in this process or a pool; results in completion order."""
+    results = []
+    if progress:
+        progress(label, 0, len(tasks))
+    if processes <= 1 or len(tasks) <= 1:
+        saved, env = dict(_W), os.environ.get("TOKENIZERS_PARALLELISM")
+        _init_worker(*init)
+        # In this process the tokenizer may use every core (as the user's environment allows).
+        if env is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = env
+        try:
+            for i, t in enumerate(tasks):
+                results.append(fn(*t))
+                if progress:
+                    progress(label, i + 1, len(tasks))
+        finally:
+            _W.clear()
+            _W.update(saved)
+        return results
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+        futures = [pool.submit(fn, *t) for t in tasks]
+        for i, fut in enumerate(as_completed(futures)):
+            results.append(fut.result())
+            if progress:
+                progress(label, i + 1, len(tasks))
+    return results
+
+
+def _drop_reasons(
+    tables: list[pa.Table], cfg: PackConfig
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Per sample: reason code (0 = kept), the reason names, true lengths and image counts."""
+    names = ["", "template_error", "image_mismatch", "no_label", "too_long"]
+    if not tables:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty.astype(np.int8), names, empty, empty
+    n_tok = np.concatenate([pc.list_value_length(t.column("ids")).to_numpy() for t in tables])
+    n_img = np.concatenate([t.column("n_images").to_numpy() for t in tables]).astype(np.int64)
+    n_sup = np.concatenate([t.column("n_supervised").to_numpy() for t in tables])
+    listed = np.concatenate([pc.list_value_length(t.column("images")).to_numpy() for t in tables])
+    failed = np.concatenate([t.column("error").is_valid().to_numpy(zero_copy_only=False) for t in tables])
+    true_len = n_tok.astype(np.int64) + (cfg.visual_tokens - 1) * n_img
+    reason = np.zeros(len(true_len), dtype=np.int8)
+    reason[true_len > cfg.capacity] = 4
+    reason[n_sup == 0] = 3
+    reason[n_img != listed] = 2
+    reason[failed] = 1
+    return reason, names, true_len, n_img
+
+
+def _mixture(kept: np.ndarray, weight: float, seed: int, dataset: str) -> np.ndarray:
+    """floor(weight) copies of every kept sample plus a seeded subset for the fraction."""
+    whole, frac = int(math.floor(weight)), weight - math.floor(weight)
+    parts = [kept] * whole
+    if frac > 0 and len(kept):
+        rng = np.random.default_rng([seed, zlib.crc32(dataset.encode())])
+        parts.append(np.sort(rng.choice(kept, size=int(round(frac * len(kept))), replace=False)))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def pack_stage(
+    stage: int | str | Path,
+    root: str | Path | None,
+    tokenizer: str | Path,
+    out: str | Path,
+    *,
+    max_length: int | None = None,
+    seed: int = 0,
+    processes: int | None = None,
+    visual_tokens: int = DEFAULT_VISUAL_TOKENS,
+    packs_per_shard: int = PACKS_PER_SHARD,
+    buffer_size: int = DEFAULT_BUFFER,
+    overwrite: bool = False,
+    registry: dict[str, DatasetSpec] | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Pack one stage into OUT/stageN/ and return its manifest. Resumes a killed run with the same
+    inputs; refuses (unless overwrite) to mix with shards packed from other inputs."""
+    registry = registry or load_registry()
+    recipe = load_recipe(int(stage) if str(stage).isdigit() else Path(stage), registry)
+    root_path = resolve_root(root)
+    processes = max(1, processes or os.cpu_count() or 1)
+    tok_path = Path(tokenizer)
+    tok = load_tokenizer(tok_path)
+    specs = [registry[m.name] for m in recipe.datasets]
+    chat = None
+    if any(s.data_format == "conversation" for s in specs):
+        chat = detect_chat_format(tok, recipe.template).name
+    cfg = PackConfig(
+        stage=recipe.stage,
+        root=str(root_path),
+        out=str(Path(out) / f"stage{recipe.stage}"),
+        tokenizer_path=str(tok_path),
+        chat_format=chat,
+        capacity=int(max_length or recipe.max_length),
+        visual_tokens=int(visual_tokens),
+        image_size=recipe.image_size,
+        max_images=recipe.max_images_per_pack,
+        seed=int(seed),
+        image_dirs={s.name: (str(s.image_path(root_path)) if s.image_dir else None) for s in specs},
+        packs_per_shard=int(packs_per_shard),
+        buffer_size=int(buffer_size),
+    )
+    if cfg.capacity < cfg.visual_tokens:
+        raise OvisDataError(f"max length {cfg.capacity} cannot hold one image ({cfg.visual_tokens} tokens)")
+    out_dir = Path(cfg.out)
+    catalogs = _ensure_catalogs(recipe, registry, root_path, processes)
+    caption_templates = {
+        m.name: m.caption_template or registry[m.name].caption_template or DEFAULT_CAPTION_TEMPLATE
+        for m in recipe.datasets
+        if registry[m.name].data_format == "caption"
+    }
+    identity = tokenizer_identity(tok_path)
+    inputs = {
+        "format": FORMAT,
+        "config": {
+            k: v for k, v in asdict(cfg).items() if k not in ("root", "out", "tokenizer_path", "image_dirs")
+        },
+        "tokenizer_sha256": identity["sha256"],
+        "datasets": [
+            {"name": m.name, "weight": m.weight, "catalog_sha256": _file_sha256(catalogs[m.name])}
+            for m in recipe.datasets
+        ],
+        "caption_templates": caption_templates,
+    }
+    inputs_sha = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    manifest_path = out_dir / MANIFEST
+    params_path = out_dir / WORK / "inputs.json"
+    previous = None
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text(encoding="utf-8")).get("inputs_sha256")
+    elif params_path.exists():
+        previous = json.loads(params_path.read_text(encoding="utf-8")).get("inputs_sha256")
+    if previous is not None and previous != inputs_sha:
+        if not overwrite:
+            raise OvisDataError(
+                f"{out_dir} holds shards packed from other inputs (recipe, catalogs, tokenizer or options "
+                "changed): use another --out, or --overwrite to replace them"
+            )
+        shutil.rmtree(out_dir)
+    elif previous == inputs_sha and manifest_path.exists():
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
+    (out_dir / WORK / "tok").mkdir(parents=True, exist_ok=True)
+    _atomic_json(params_path, {"inputs_sha256": inputs_sha, **inputs})
+
+    # Phase 1: tokenize every catalog row group not done yet.
+    units: list[Unit] = []
+    for m in recipe.datasets:
+        spec = registry[m.name]
+        for g in range(pq.ParquetFile(catalogs[m.name]).num_row_groups):
+            units.append(
+                Unit(
+                    dataset=m.name,
+                    data_format=spec.data_format,
+                    catalog=str(catalogs[m.name]),
+                    row_group=g,
+                    caption_template=caption_templates.get(m.name),
+                    path=str(out_dir / WORK / "tok" / f"{m.name}-{g:05d}.arrow"),
+                )
+            )
+    backend_json = tok.backend_tokenizer.to_str()
+    todo = [(u,) for u in units if not Path(u.path).exists()]
+    _run(_tokenize_unit, todo, processes, (cfg, backend_json, None, None), "tokenize", progress)
+
+    # Phase 2: drop by reason, apply the mixture, pack.
+    tables = [pa.ipc.open_file(pa.memory_map(u.path)).read_all() for u in units]
+    counts = np.array([t.num_rows for t in tables], dtype=np.int64)
+    bases = np.concatenate(([0], np.cumsum(counts)))
+    reason, reason_names, true_len, n_img = _drop_reasons(tables, cfg)
+    datasets: dict[str, dict] = {}
+    items = []
+    for m in recipe.datasets:
+        idx = [i for i, u in enumerate(units) if u.dataset == m.name]
+        lo, hi = (bases[idx[0]], bases[idx[-1] + 1]) if idx else (0, 0)
+        r = reason[lo:hi]
+        kept = np.arange(lo, hi, dtype=np.int64)[r == 0]
+        chosen = _mixture(kept, m.weight, cfg.seed, m.name)
+        items.append(chosen)
+        dropped = {
+            reason_names[c]: int((r == c).sum()) for c in range(1, len(reason_names)) if (r == c).any()
+        }
+        datasets[m.name] = {
+            "catalog": int(hi - lo),
+            "kept": int(len(kept)),
+            "weight": m.weight,
+            "selected": int(len(chosen)),
+            "dropped": dropped,
+        }
+    items_arr = np.concatenate(items) if items else np.zeros(0, dtype=np.int64)
+    packing = best_fit_decreasing(
+        true_len[items_arr],
+        cfg.capacity,
+        images=n_img[items_arr],
+        max_images=cfg.max_images,
+        buffer_size=cfg.buffer_size,
+        seed=cfg.seed,
+    )
+    del tables
+    samples = items_arr[packing.order]
+    sizes = np.diff(packing.offsets)
+
+    # Phase 3: write every shard not done yet.
+    n_shards = math.ceil(packing.n_packs / cfg.packs_per_shard)
+    tasks = []
+    done_stats = {}
+    for s in range(n_shards):
+        stats_path = out_dir / WORK / "shards" / f"{s:05d}.json"
+        if (out_dir / shard_name(cfg.stage, s)).exists() and stats_path.exists():
+            st = json.loads(stats_path.read_text(encoding="utf-8"))
+            if "sha256" in st:
+                done_stats[s] = st
+                continue
+        p0, p1 = s * cfg.packs_per_shard, min(packing.n_packs, (s + 1) * cfg.packs_per_shard)
+        tasks.append((s, sizes[p0:p1], samples[packing.offsets[p0] : packing.offsets[p1]]))
+    for st in _run(_write_shard, tasks, processes, (cfg, backend_json, units, bases), "write", progress):
+        done_stats[int(st["name"][-9:-4])] = st
+    shards = [done_stats[s] for s in range(n_shards)]
+
+    manifest = _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards)
+    _atomic_json(manifest_path, manifest)
+    shutil.rmtree(out_dir / WORK / "tok", ignore_errors=True)
+    return manifest
+
+
+def _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards) -> dict:
+    dropped: Counter = Counter()
+    for d in datasets.values():
+        dropped.update(d["dropped"])
+    packed: Counter = Counter()
+    for st in shards:
+        packed.update(st["datasets"])
+        dropped.update(st["dropped"])
+    for name, d in datasets.items():
+        d["packed"] = int(packed.get(name, 0))
+    records = sum(st["records"] for st in shards)
+    tokens = sum(st["tokens"] for st in shards)
+    return {
+        "format": FORMAT,
+        "stage": cfg.stage,
+        "recipe": str(recipe.path.name),
+        "tokenizer": {"name": identity["name"], "sha256": identity["sha256"], "path": cfg.tokenizer_path},
+        "template": {"chat": cfg.chat_format, "captions": caption_templates},
+        "capacity": cfg.capacity,
+        "visual_tokens_per_image": cfg.visual_tokens,
+        "image_size": cfg.image_size,
+        "max_images_per_pack": cfg.max_images,
+        "image_token_id": IMAGE_ID,
+        "ignore_id": IGNORE_ID,
+        "seed": cfg.seed,
+        "inputs_sha256": inputs_sha,
+        "shards": [
+            {
+                k: st[k]
+                for k in ("name", "records", "samples", "tokens", "input_ids", "images", "bytes", "sha256")
+            }
+            for st in shards
+        ],
+        "datasets": datasets,
+        "dropped": dict(sorted(dropped.items())),
+        "records": records,
+        "samples": sum(st["samples"] for st in shards),
+        "tokens": tokens,
+        "fill": tokens / (records * cfg.capacity) if records else 0.0,
+    }

@@ -1,0 +1,274 @@
+"""`pack` end to end on the demo corpus: real catalogs, real tokenizers, real tar shards."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+from test_templates import by_hand_caption, by_hand_chat
+from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenizer, save
+
+from ovis_data.catalog import catalog_path
+from ovis_data.errors import OvisDataError
+from ovis_data.pack import pack_stage
+from ovis_data.registry import load_registry
+from ovis_data.shards import read_records
+from ovis_data.validate import validate_dataset
+
+STAGE3_TEXT_ONLY = "allava-evol-instruct-143k"
+
+
+@pytest.fixture(scope="module")
+def root(demo_root: Path, tmp_path_factory) -> Path:
+    """A private copy of the demo corpus: pack validates into ROOT/catalogs."""
+    dst = tmp_path_factory.mktemp("packroot") / "data"
+    shutil.copytree(demo_root, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def qwen_stage3(root: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out_q")
+    pack_stage(3, root, qwen_path(), out, processes=1, packs_per_shard=8)
+    return out / "stage3"
+
+
+def _catalog_rows(root: Path, dataset: str) -> dict[int, dict]:
+    table = pq.read_table(catalog_path(root, dataset))
+    return {r["row"]: r for r in table.to_pylist()}
+
+
+def _shard_hashes(stage_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(stage_dir.glob("*.tar"))}
+
+
+def _check_records_match_rules(stage_dir: Path, root: Path, tok, fmt: str) -> int:
+    """Every sub-sample of every record is exactly its catalog sample tokenized by the rules by hand."""
+    catalogs: dict[str, dict] = {}
+    seen = []
+    for shard in sorted(stage_dir.glob("*.tar")):
+        for rec in read_records(shard):
+            assert "." not in rec.key
+            assert rec.input_ids.dtype == np.int32 and rec.labels.dtype == np.int32
+            assert rec.lengths.sum() == len(rec.input_ids) == len(rec.labels)
+            assert len(rec.images) == int((rec.input_ids == -200).sum())
+            for jpg in rec.images:
+                with Image.open(io.BytesIO(jpg)) as im:
+                    assert im.format == "JPEG" and im.mode == "RGB" and max(im.size) == 336
+            for prov, (ids, labels) in zip(rec.meta["samples"], rec.samples(), strict=True):
+                ds = prov["dataset"]
+                if ds not in catalogs:
+                    catalogs[ds] = _catalog_rows(root, ds)
+                row = catalogs[ds][prov["row"]]
+                assert row["id"] == prov["id"]
+                if row["caption"] is not None:
+                    want = by_hand_caption(tok, row["caption"])
+                else:
+                    want = by_hand_chat(tok, list(zip(row["roles"], row["texts"], strict=True)), fmt)
+                assert (ids.tolist(), labels.tolist()) == want
+                assert int((ids == -200).sum()) == len(row["images"] or [])
+                seen.append((ds, prov["row"]))
+    return len(seen)
+
+
+def test_stage3_records_unpack_to_the_rules_by_hand(qwen_stage3: Path, root: Path):
+    manifest = json.loads((qwen_stage3 / "manifest.json").read_text())
+    n = _check_records_match_rules(qwen_stage3, root, qwen_tokenizer(), "qwen")
+    assert n == manifest["samples"] == sum(d["kept"] for d in manifest["datasets"].values())
+    assert manifest["template"]["chat"] == "qwen" and manifest["capacity"] == 2048
+    assert manifest["visual_tokens_per_image"] == 578 and manifest["image_size"] == 336
+    assert manifest["tokenizer"]["sha256"] and not (qwen_stage3 / ".work" / "tok").exists()
+    records = [r for s in sorted(qwen_stage3.glob("*.tar")) for r in read_records(s)]
+    assert manifest["records"] == len(records)
+    tokens = [len(r.input_ids) + 577 * len(r.images) for r in records]
+    assert max(tokens) <= 2048 and sum(tokens) == manifest["tokens"]
+    assert manifest["fill"] == pytest.approx(sum(tokens) / (len(records) * 2048))
+    for entry in manifest["shards"]:  # per-shard counts and hashes are those of the files
+        shard = qwen_stage3 / entry["name"]
+        assert entry["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+        assert entry["records"] == sum(1 for _ in read_records(shard))
+
+
+def test_text_only_samples_carry_no_image(qwen_stage3: Path):
+    for shard in sorted(qwen_stage3.glob("*.tar")):
+        for rec in read_records(shard):
+            for prov, (ids, _) in zip(rec.meta["samples"], rec.samples(), strict=True):
+                if prov["dataset"] == STAGE3_TEXT_ONLY:
+                    assert -200 not in ids.tolist()
+
+
+def test_shards_read_with_plain_webdataset_and_tar(qwen_stage3: Path):
+    shard = sorted(qwen_stage3.glob("*.tar"))[0]
+    listing = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout
+    names = listing.split()
+    assert names[0].endswith(".input_ids.npy") and names[-1].endswith(".json")
+    keys = [n.split(".", 1)[0] for n in names]
+    assert keys == sorted(keys)  # members of a record are adjacent
+    ds = wds.WebDataset(str(shard), shardshuffle=False).decode()
+    recs = list(ds)
+    assert len(recs) == len(set(keys))
+    ours = list(read_records(shard))
+    for got, want in zip(recs, ours, strict=True):
+        assert np.array_equal(got["input_ids.npy"], want.input_ids)
+        assert np.array_equal(got["labels.npy"], want.labels)
+        assert got["json"]["samples"] == want.meta["samples"]
+        assert sum(k.startswith("img_") for k in got) == len(want.images)
+
+
+def test_same_bytes_whatever_the_number_of_processes(qwen_stage3: Path, root: Path, tmp_path: Path):
+    pack_stage(3, root, qwen_path(), tmp_path, processes=2, packs_per_shard=8)
+    assert _shard_hashes(tmp_path / "stage3") == _shard_hashes(qwen_stage3)
+    assert (tmp_path / "stage3" / "manifest.json").read_bytes() == (
+        qwen_stage3 / "manifest.json"
+    ).read_bytes()
+
+
+def test_a_killed_pack_resumes_to_the_same_bytes(qwen_stage3: Path, root: Path, tmp_path: Path):
+    class Killed(Exception):
+        pass
+
+    def kill_after_two_shards(phase: str, done: int, total: int) -> None:
+        if phase == "write" and done == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        pack_stage(
+            3, root, qwen_path(), tmp_path, processes=1, packs_per_shard=8, progress=kill_after_two_shards
+        )
+    stage_dir = tmp_path / "stage3"
+    assert not (stage_dir / "manifest.json").exists() and len(list(stage_dir.glob("*.tar"))) == 2
+    (stage_dir / "stage3-00005.tar.tmp").write_bytes(b"half a shard")  # as a kill mid-write leaves it
+    written = []
+    pack_stage(
+        3,
+        root,
+        qwen_path(),
+        tmp_path,
+        processes=1,
+        packs_per_shard=8,
+        progress=lambda p, d, t: written.append((p, t)),
+    )
+    assert ("tokenize", 0) in written  # the token cache was reused, nothing tokenized again
+    assert _shard_hashes(stage_dir) == _shard_hashes(qwen_stage3)
+    assert not list(stage_dir.glob("*.tmp"))
+
+
+def test_other_inputs_are_refused_unless_overwrite(qwen_stage3: Path, root: Path, tmp_path: Path):
+    out = tmp_path / "o"
+    shutil.copytree(qwen_stage3, out / "stage3")
+    assert pack_stage(3, root, qwen_path(), out, processes=1, packs_per_shard=8)["records"]  # same: no-op
+    with pytest.raises(OvisDataError, match="other inputs"):
+        pack_stage(3, root, qwen_path(), out, processes=1, seed=1, packs_per_shard=8)
+    m = pack_stage(3, root, qwen_path(), out, processes=1, seed=1, packs_per_shard=8, overwrite=True)
+    assert m["seed"] == 1 and _shard_hashes(out / "stage3") != _shard_hashes(qwen_stage3)
+
+
+def test_llama3_stage3_records_match_the_rules(root: Path, tmp_path: Path):
+    tok_dir = save(llama3_tokenizer(), tmp_path / "llama3-tok")
+    manifest = pack_stage(3, root, tok_dir, tmp_path / "out", processes=1, packs_per_shard=8)
+    assert manifest["template"]["chat"] == "llama3"
+    n = _check_records_match_rules(tmp_path / "out" / "stage3", root, llama3_tokenizer(), "llama3")
+    assert n == manifest["samples"]
+
+
+def _recipe(tmp_path: Path, stage: int, weights: dict[str, float], max_length: int) -> Path:
+    src = Path(__file__).resolve().parents[1] / "pipelines"
+    text = (src / f"stage{stage}.toml").read_text().split("[[datasets]]")[0]
+    text = text.replace(
+        next(line for line in text.splitlines() if line.startswith("max_length")),
+        f"max_length = {max_length}",
+    )
+    for name, w in weights.items():
+        text += f'\n[[datasets]]\nname = "{name}"\nweight = {w}\n'
+    d = tmp_path / "recipe"
+    d.mkdir(exist_ok=True)
+    for f in src.glob("*.json"):
+        shutil.copy(f, d)
+    (d / f"stage{stage}.toml").write_text(text)
+    return d / f"stage{stage}.toml"
+
+
+def test_captions_weights_and_drops_are_counted(root: Path, tmp_path: Path):
+    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.5}, 1024)
+    validate_dataset(load_registry()["coyo-10m"], root)
+    path = catalog_path(root, "coyo-10m")
+    table = pq.read_table(path)
+    blank = table.slice(0, 1).to_pylist()[0] | {"row": 10_000, "id": "blank", "caption": " <image>  "}
+    pq.write_table(pa.concat_tables([table, pa.Table.from_pylist([blank], schema=table.schema)]), path)
+    m = pack_stage(recipe, root, qwen_path(), tmp_path / "out", processes=1, packs_per_shard=64)
+    d = m["datasets"]["coyo-10m"]
+    assert d["dropped"] == {"no_label": 1}  # only <image> and blanks: nothing to learn
+    assert d["selected"] == d["kept"] + round(0.5 * d["kept"]) and d["packed"] == d["selected"]
+    assert m["template"]["captions"] == {"coyo-10m": "<image>'s caption: "}
+    assert (
+        _check_records_match_rules(tmp_path / "out" / "stage1", root, qwen_tokenizer(), "qwen") == d["packed"]
+    )
+
+    recipe = _recipe(tmp_path, 3, {"llava-finetune-665k": 1.0, STAGE3_TEXT_ONLY: 0.5}, 700)
+    m = pack_stage(recipe, root, qwen_path(), tmp_path / "out3", processes=1)
+    llava = m["datasets"]["llava-finetune-665k"]
+    assert (
+        llava["dropped"]["too_long"] > 0 and llava["kept"] + llava["dropped"]["too_long"] == llava["catalog"]
+    )
+    assert m["datasets"][STAGE3_TEXT_ONLY]["selected"] == round(0.5 * m["datasets"][STAGE3_TEXT_ONLY]["kept"])
+    assert m["dropped"]["too_long"] == sum(x["dropped"].get("too_long", 0) for x in m["datasets"].values())
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ovis_data", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_pack_and_inspect(qwen_stage3: Path, root: Path, tmp_path: Path):
+    r = _cli(
+        "pack",
+        "--stage",
+        "2",
+        "--root",
+        str(root),
+        "--tokenizer",
+        qwen_path(),
+        "--out",
+        str(tmp_path),
+        "--processes",
+        "1",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "fill" in r.stdout and (tmp_path / "stage2" / "manifest.json").exists()
+    shard = sorted(qwen_stage3.glob("*.tar"))[0]
+    r = _cli("inspect", str(shard), "--record", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    view = json.loads(r.stdout)
+    rec = list(read_records(shard))[1]
+    assert [s["id"] for s in view["samples"]] == [s["id"] for s in rec.meta["samples"]]
+    tok = qwen_tokenizer()
+    for s, (ids, labels) in zip(view["samples"], rec.samples(), strict=True):
+        supervised = "".join(g["text"] for g in s["segments"] if g.get("supervised"))
+        assert supervised == tok.decode(ids[labels != -100])
+        assert sum("image" in g for g in s["segments"]) == int((ids == -200).sum())
+    r = _cli("inspect", str(shard), "--record", "1")
+    assert r.returncode == 0 and "IMAGE 0" in r.stdout and view["samples"][0]["dataset"] in r.stdout
+    r = _cli(
+        "pack",
+        "--stage",
+        "3",
+        "--root",
+        str(root),
+        "--tokenizer",
+        str(tmp_path / "nope"),
+        "--out",
+        str(tmp_path),
+    )
+    assert r.returncode == 2 and "nope" in r.stderr
