@@ -105,6 +105,11 @@ def test_root_from_environment_and_own_dataset_info(tmp_path: Path):
 def test_demo_runs_end_to_end(tmp_path: Path):
     out = run_cli("demo", "--out", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stdout + out.stderr
-    report = json.loads((tmp_path / "demo" / "validate_report.json").read_text())
+    demo = tmp_path / "demo"
+    report = json.loads((demo / "validate_report.json").read_text())
     assert len(report["datasets"]) == 19
+    for stage in (1, 2, 3):
+        manifest = json.loads((demo / "packed" / f"stage{stage}" / "manifest.json").read_text())
+        assert manifest["records"] > 0 and manifest["stage"] == stage
+        assert (demo / "model" / f"stage{stage}" / "config.json").exists()
     assert "deliberately broken" in out.stdout
