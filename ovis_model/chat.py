@@ -11,7 +11,7 @@ from PIL import Image
 
 from .batching import expand_image_placeholders
 from .constants import IMAGE_TOKEN
-from .prompt import FORMATS, generation_prompt
+from .prompt import FORMATS, generation_prompt, stop_token
 
 
 @dataclass
@@ -75,7 +75,7 @@ def chat(
     model.eval()
     inputs_embeds = model.embed_inputs(input_ids, pixel_values)
 
-    stop = [tokenizer.convert_tokens_to_ids(FORMATS[template].stop)]
+    stop = [tokenizer.convert_tokens_to_ids(stop_token(FORMATS[template]))]
     eos = model.llm.generation_config.eos_token_id
     stop += [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None and e not in stop]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
