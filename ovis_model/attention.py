@@ -124,7 +124,12 @@ def llm_attention_kwargs(
             "max_length_k": max_seqlen,
         }
     if impl == "flex_attention":
-        return {"attention_mask": flex_block_mask(segment_ids)}
+        # Inductor picks its decoding kernel for short queries, which found no valid config on an H200
+        # (torch 2.11): force the training kernel, right for packed sequences anyway.
+        return {
+            "attention_mask": flex_block_mask(segment_ids),
+            "kernel_options": {"FORCE_USE_FLEX_ATTENTION": True},
+        }
     mask = block_causal_mask(segment_ids)
     if impl == "eager":
         return {"attention_mask": additive_mask(mask, dtype)}
