@@ -1,0 +1,484 @@
+"""Fetch a URL list into an image store: shards of rows, downloaded concurrently, processed on every core.
+
+A shard of rows is the unit of work, of resume and of reporting. Per run:
+  plan     which shards of this part are unfinished (or, with retry_failed, which rows failed transiently)
+  run      asyncio: a bounded number of rows in flight across at most `shards_in_flight` shards; each row
+           is downloaded (aiohttp), processed in the worker pool, and written atomically
+  finish   a shard's status parquet, then its _stats.json done-marker; the shards layout then gets its index
+A watchdog ends rows that overrun their deadline and shards where nothing finishes for `stall_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from rich.console import Console
+
+from ..errors import OvisDataError
+from ..imagestore import INDEX_NAME, build_index, is_shard_dir, unsafe_path_reason
+from ..registry import DatasetSpec, load_registry
+from . import classes as C
+from .images import ImageParams, Processed, process_image
+from .net import Downloader, NetParams
+from .pool import WorkerPool
+from .reader import ShardRows, UrlList, open_url_list, part_shards, read_rows, shard_count
+from .report import FetchReport, Monitor
+from .writer import BOOKKEEPING, AtomicFiles, FilesShard, TarShard, done_marker, shard_name, status_dir
+
+LAYOUTS = ("files", "shards")
+DEFAULT_SHARD_SIZE = 10_000
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    layout: str | None = None  # None: what image_dir already holds, else "files"
+    image: ImageParams = field(default_factory=ImageParams)
+    net: NetParams = field(default_factory=NetParams)
+    processes: int = 0  # 0: every core
+    shard_size: int | None = None  # None: what an earlier run of this image_dir used, else 10,000
+    shards_in_flight: int = 2  # a second shard keeps the network busy while the first one's tail drains
+    retry_failed: bool = False
+    part: tuple[int, int] = (0, 1)  # (i, n): the i-th (0-based) of n equal parts
+    row_deadline_s: float | None = None  # network part of a row; None: derived from the net deadlines
+    process_deadline_s: float = 120.0  # decode + resize + encode of one image, queue included
+    stall_s: float = 300.0  # a run where no row finishes for this long has its stuck rows ended
+    durable: bool = True  # fsync a shard's files before its done-marker (survives power loss)
+
+
+@dataclass
+class ShardPlan:
+    shard_id: int
+    start: int
+    stop: int
+    rows: list[int] | None = None  # offsets in the shard to (re)attempt; None: all
+    previous: list[dict[str, Any]] = field(default_factory=list)  # earlier records (retry_failed)
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """'i/n' with 1 <= i <= n (as typed by a user) -> (i-1, n)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError as e:
+        raise OvisDataError(f"--part must look like i/n (e.g. 3/8), got {text!r}") from e
+    if not 1 <= i <= n:
+        raise OvisDataError(f"--part {text}: need 1 <= i <= n")
+    return i - 1, n
+
+
+# -- public entry points ------------------------------------------------------------------------------
+def url_datasets(registry: dict[str, DatasetSpec]) -> list[DatasetSpec]:
+    return [s for s in registry.values() if s.url_source is not None]
+
+
+def fetch_datasets(
+    names: list[str] | None,
+    root: Path,
+    options: FetchOptions | None = None,
+    registry: dict[str, DatasetSpec] | None = None,
+    console: Console | None = None,
+) -> list[FetchReport]:
+    """Fetch the named URL datasets (all of them when none named). Datasets sharing an image_dir and a
+    URL list (the cc12m pair) are fetched once."""
+    registry = registry if registry is not None else load_registry()
+    specs = url_datasets(registry) if not names else [_url_spec(registry, n) for n in names]
+    groups: dict[tuple[str, str], list[DatasetSpec]] = {}
+    for spec in specs:
+        assert spec.url_source is not None and spec.image_dir is not None
+        groups.setdefault((spec.image_dir, spec.url_source.url_list), []).append(spec)
+    reports = []
+    for group in groups.values():
+        label = "+".join(s.name for s in group)
+        reports.append(fetch_dataset(group[0].name, root, options, registry, console, label=label))
+    return reports
+
+
+def fetch_dataset(
+    name: str,
+    root: Path,
+    options: FetchOptions | None = None,
+    registry: dict[str, DatasetSpec] | None = None,
+    console: Console | None = None,
+    label: str | None = None,
+) -> FetchReport:
+    """Fetch one URL dataset's images into ROOT/images/<image_dir>, where its meta file expects them."""
+    registry = registry if registry is not None else load_registry()
+    spec = _url_spec(registry, name)
+    us = spec.url_source
+    assert us is not None
+    url_list = open_url_list(spec.url_list_path(root), us.url_column, us.image_path_column, us.sha256_column)
+    image_dir = spec.image_path(root)
+    assert image_dir is not None
+    return fetch_url_list(url_list, image_dir, options, label=label or name, console=console)
+
+
+def fetch_url_list(
+    url_list: UrlList,
+    image_dir: Path,
+    options: FetchOptions | None = None,
+    label: str = "",
+    console: Console | None = None,
+) -> FetchReport:
+    """The engine proper: any parquet URL list into any image directory."""
+    opts = options or FetchOptions()
+    image_dir.mkdir(parents=True, exist_ok=True)
+    book = image_dir / BOOKKEEPING
+    book.mkdir(exist_ok=True)
+    i, n = opts.part
+    with _lock(book / f"lock-{i + 1}-of-{n}"):
+        layout, shard_size = _settle_run(image_dir, url_list, opts)
+        atomic = AtomicFiles(book / "tmp" / f"part-{i + 1}-of-{n}")
+        atomic.clean()  # whatever a killed run left half-written
+        shard_ids = part_shards(shard_count(url_list.total_rows, shard_size), opts.part)
+        plan, done_before = _plan(image_dir, layout, url_list, shard_size, shard_ids, opts.retry_failed)
+        if layout == "shards" and plan:
+            (image_dir / INDEX_NAME).unlink(missing_ok=True)  # rebuilt below; a stale one would mislead
+        attempted = sum(len(p.rows) if p.rows is not None else p.stop - p.start for p in plan)
+        monitor = Monitor(label or url_list.path.name, attempted, console)
+        pool = WorkerPool(opts.processes)
+        try:
+            with monitor:
+                runner = _Runner(url_list, image_dir, layout, shard_size, opts, monitor, atomic, pool)
+                asyncio.run(runner.run(plan))
+        finally:
+            pool.close()
+        if layout == "shards":
+            build_index(image_dir)
+        return _report(label, url_list, image_dir, layout, shard_size, shard_ids, done_before, plan, monitor)
+
+
+# -- planning -----------------------------------------------------------------------------------------
+def _url_spec(registry: dict[str, DatasetSpec], name: str) -> DatasetSpec:
+    if name not in registry:
+        raise OvisDataError(f"unknown dataset {name!r}; known: {', '.join(registry)}")
+    spec = registry[name]
+    if spec.url_source is None:
+        with_urls = ", ".join(s.name for s in url_datasets(registry))
+        raise OvisDataError(f"{name} has no URL source to fetch (datasets with one: {with_urls})")
+    return spec
+
+
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """One fetch per image_dir and part at a time (the lock dies with its process, even on SIGKILL)."""
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise OvisDataError(f"another fetch is writing {path.parent.parent} (lock {path.name})") from e
+        yield
+
+
+def _settle_run(image_dir: Path, url_list: UrlList, opts: FetchOptions) -> tuple[str, int]:
+    """Layout and shard size: fixed by the first run of an image_dir, so resume and retry line up."""
+    if opts.layout is not None and opts.layout not in LAYOUTS:
+        raise OvisDataError(f"layout must be one of {list(LAYOUTS)}, got {opts.layout!r}")
+    if opts.shard_size is not None and opts.shard_size < 1:
+        raise OvisDataError("shard size must be at least 1")
+    run_file = image_dir / BOOKKEEPING / RUN_FILE
+    if run_file.exists():
+        run = json.loads(run_file.read_text())
+        if opts.layout is not None and opts.layout != run["layout"]:
+            raise OvisDataError(
+                f"{image_dir} holds the {run['layout']} layout; fetch again with --layout {run['layout']} "
+                f"or into an empty directory"
+            )
+        if opts.shard_size is not None and opts.shard_size != run["shard_size"]:
+            raise OvisDataError(f"{image_dir} was fetched with shard size {run['shard_size']}; keep it")
+        if run["total_rows"] != url_list.total_rows:
+            raise OvisDataError(
+                f"{url_list.path} has {url_list.total_rows} rows but {image_dir} was fetched from "
+                f"{run['total_rows']}: shards would not line up; fetch into an empty directory"
+            )
+        return run["layout"], run["shard_size"]
+    layout = opts.layout or ("shards" if is_shard_dir(image_dir) else "files")
+    if layout == "files" and is_shard_dir(image_dir):
+        raise OvisDataError(f"{image_dir} holds tar shards; use --layout shards")
+    run = {
+        "layout": layout,
+        "shard_size": opts.shard_size or DEFAULT_SHARD_SIZE,
+        "total_rows": url_list.total_rows,
+        "url_list": str(url_list.path),
+    }
+    AtomicFiles(image_dir / BOOKKEEPING).write_json(run_file, run)
+    return layout, run["shard_size"]
+
+
+def _plan(
+    image_dir: Path, layout: str, url_list: UrlList, shard_size: int, shard_ids: range, retry_failed: bool
+) -> tuple[list[ShardPlan], int]:
+    plan: list[ShardPlan] = []
+    done_before = 0
+    for sid in shard_ids:
+        start, stop = sid * shard_size, min(url_list.total_rows, (sid + 1) * shard_size)
+        if not done_marker(image_dir, layout, sid).exists():
+            plan.append(ShardPlan(sid, start, stop))
+            continue
+        if retry_failed:
+            status = status_dir(image_dir, layout) / f"{shard_name(sid)}.parquet"
+            previous = pq.read_table(status).to_pylist()
+            again = [r["row"] - start for r in previous if r["error_class"] in C.RETRY_LATER]
+            if again:
+                plan.append(ShardPlan(sid, start, stop, again, previous))
+                continue
+        done_before += 1
+    return plan, done_before
+
+
+# -- running ------------------------------------------------------------------------------------------
+class _Runner:
+    def __init__(
+        self,
+        url_list: UrlList,
+        image_dir: Path,
+        layout: str,
+        shard_size: int,
+        opts: FetchOptions,
+        monitor: Monitor,
+        atomic: AtomicFiles,
+        pool: WorkerPool,
+    ) -> None:
+        self.url_list = url_list
+        self.image_dir = image_dir
+        self.layout = layout
+        self.opts = opts
+        self.monitor = monitor
+        self.atomic = atomic
+        self.pool = pool
+        self.key_width = max(4, len(str(shard_size - 1)))
+        net = opts.net
+        self.row_deadline = opts.row_deadline_s or (
+            (net.retries + 1) * (net.total_timeout + net.backoff_max_s) + net.total_timeout
+        )
+        self.last_progress = time.monotonic()
+        self.finished_shards: list[int] = []
+
+    async def run(self, plan: list[ShardPlan]) -> None:
+        if not plan:
+            return
+        self.sem = asyncio.Semaphore(self.opts.net.concurrency)
+        queue = list(reversed(plan))
+        async with Downloader(self.opts.net) as dl:
+            self.dl = dl
+
+            async def worker() -> None:
+                while queue:
+                    await self.shard(queue.pop())
+
+            await asyncio.gather(*(worker() for _ in range(min(self.opts.shards_in_flight, len(plan)))))
+
+    async def shard(self, p: ShardPlan) -> None:
+        started = time.time()
+        rows = await asyncio.to_thread(read_rows, self.url_list, p.start, p.stop)
+        writer: FilesShard | TarShard
+        if self.layout == "shards":
+            writer = TarShard(self.image_dir, p.shard_id, self.atomic, self.opts.durable)
+            old_tar = self.image_dir / f"{shard_name(p.shard_id)}.tar"
+            if p.rows is not None and old_tar.exists():
+                await asyncio.to_thread(writer.copy_from, old_tar)
+        else:
+            writer = FilesShard(self.image_dir, p.shard_id, self.atomic, self.opts.durable)
+        records = {r["row"]: r for r in p.previous}
+        offsets = p.rows if p.rows is not None else range(len(rows))
+        tasks = {asyncio.create_task(self.row(p.shard_id, rows, i, writer)): i for i in offsets}
+        try:
+            await self._collect(p, rows, tasks, records)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            writer.abort()
+            raise
+        stats = self._stats(p, records, started)
+        await asyncio.to_thread(writer.finish, list(records.values()), stats)
+        self.finished_shards.append(p.shard_id)
+
+    async def _collect(
+        self, p: ShardPlan, rows: ShardRows, tasks: dict[asyncio.Task, int], records: dict[int, dict]
+    ) -> None:
+        # Finished tasks arrive through a queue: asyncio.wait over all pending tasks would cost
+        # O(shard size) per completion, O(n^2) per shard.
+        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
+        for t in tasks:
+            t.add_done_callback(finished.put_nowait)
+        remaining = len(tasks)
+        tick = min(1.0, self.opts.stall_s / 4)
+        while remaining:
+            try:
+                t = await asyncio.wait_for(finished.get(), tick)
+            except asyncio.TimeoutError:
+                if time.monotonic() - self.last_progress > self.opts.stall_s:
+                    remaining -= await self._end_stuck(p, rows, tasks, records, finished)
+                continue
+            while True:
+                rec = t.result()
+                records[rec["row"]] = rec
+                self.monitor.row(rec["error_class"] or C.SUCCESS)
+                remaining -= 1
+                if finished.empty():
+                    break
+                t = finished.get_nowait()
+            self.last_progress = time.monotonic()
+
+    async def _end_stuck(
+        self,
+        p: ShardPlan,
+        rows: ShardRows,
+        tasks: dict[asyncio.Task, int],
+        records: dict[int, dict],
+        finished: asyncio.Queue[asyncio.Task],
+    ) -> int:
+        """Watchdog: nothing anywhere finished for stall_s; end this shard's stuck rows as `watchdog`."""
+        stuck = [t for t in tasks if not t.done()]
+        for t in stuck:
+            t.remove_done_callback(finished.put_nowait)  # recorded here, not by the collector
+            t.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)
+        for t in stuck:
+            rec = self._record(p.shard_id, rows, tasks[t])
+            self._fail(rec, C.WATCHDOG, f"no progress for {self.opts.stall_s:.0f}s")
+            records[rec["row"]] = rec
+            self.monitor.row(C.WATCHDOG)
+        self.monitor.warn(f"watchdog ended {len(stuck)} stuck rows of shard {shard_name(p.shard_id)}")
+        self.pool.stuck = True
+        self.last_progress = time.monotonic()
+        return len(stuck)
+
+    def _record(self, shard_id: int, rows: ShardRows, i: int) -> dict[str, Any]:
+        path = rows.image_paths[i]
+        return {
+            "row": rows.start + i,
+            "key": f"{shard_name(shard_id)}{i:0{self.key_width}d}",
+            "image_path": None if path is None else str(path),
+            "url": rows.urls[i],
+            "status": "success",
+            "error_class": None,
+            "error_message": None,
+            "attempts": 0,
+        }
+
+    @staticmethod
+    def _fail(rec: dict[str, Any], cls: str, detail: str = "") -> dict[str, Any]:
+        rec.update(status="failed", error_class=cls, error_message=detail or None)
+        return rec
+
+    async def row(
+        self, shard_id: int, rows: ShardRows, i: int, writer: FilesShard | TarShard
+    ) -> dict[str, Any]:
+        rec = self._record(shard_id, rows, i)
+        url, path = rec["url"], rec["image_path"]
+        if not url:
+            return self._fail(rec, C.MISSING_URL)
+        if path is None or unsafe_path_reason(path):
+            return self._fail(rec, C.BAD_PATH, unsafe_path_reason(path or ""))
+        async with self.sem:
+            try:
+                dl = await asyncio.wait_for(self.dl.fetch(url), self.row_deadline)
+            except asyncio.TimeoutError:
+                return self._fail(rec, C.WATCHDOG, f"download overran {self.row_deadline:.0f}s")
+            rec["attempts"] = dl.attempts
+            if dl.status != C.SUCCESS:
+                return self._fail(rec, dl.status, dl.detail)
+            try:
+                out: Processed = await asyncio.wait_for(
+                    self.pool.run(process_image, dl.data, self.opts.image, rows.sha256[i]),
+                    self.opts.process_deadline_s,
+                )
+            except asyncio.TimeoutError:
+                self.pool.stuck = True
+                return self._fail(rec, C.WATCHDOG, f"processing overran {self.opts.process_deadline_s:.0f}s")
+            except Exception as e:  # BrokenProcessPool: a worker died on this image or beside it
+                return self._fail(rec, C.WORKER_CRASH, f"{type(e).__name__}: {e}"[:200])
+            if out.status != C.SUCCESS:
+                return self._fail(rec, out.status, out.detail)
+            info = {
+                "sha256": out.sha256,
+                "width": out.width,
+                "height": out.height,
+                "original_width": out.original_width,
+                "original_height": out.original_height,
+                "original_size": out.original_size,
+                "original_sha256": out.original_sha256,
+            }
+            meta = {"key": rec["key"], "image_path": path, "url": url, "final_url": dl.final_url, **info}
+            assert out.data is not None
+            writer.add(rec["key"], path, out.ext, out.data, meta)
+            rec.update(info)
+            return rec
+
+    def _stats(self, p: ShardPlan, records: dict[int, dict], started: float) -> dict[str, Any]:
+        failed = Counter(r["error_class"] for r in records.values() if r["error_class"])
+        return {
+            "shard": shard_name(p.shard_id),
+            "rows": [p.start, p.stop],
+            "count": len(records),
+            "successes": len(records) - sum(failed.values()),
+            "failed": dict(sorted(failed.items())),
+            "start_time": started,
+            "end_time": time.time(),
+            "duration": time.time() - started,
+            "engine": "ovis-data",
+            "layout": self.layout,
+            "image": asdict(self.opts.image),
+        }
+
+
+def _report(
+    label: str,
+    url_list: UrlList,
+    image_dir: Path,
+    layout: str,
+    shard_size: int,
+    shard_ids: range,
+    done_before: int,
+    plan: list[ShardPlan],
+    monitor: Monitor,
+) -> FetchReport:
+    """Totals over every finished shard of this part (earlier runs included); rates for this run."""
+    success = 0
+    failed: Counter[str] = Counter()
+    finished = 0
+    for sid in shard_ids:
+        marker = done_marker(image_dir, layout, sid)
+        if marker.exists():
+            stats = json.loads(marker.read_text())
+            finished += 1
+            success += stats["successes"]
+            failed.update(stats["failed"])
+    total = sum(min(url_list.total_rows, (s + 1) * shard_size) - s * shard_size for s in shard_ids)
+    elapsed = monitor.elapsed
+    ok_now = monitor.counts[C.SUCCESS]
+    return FetchReport(
+        dataset=label,
+        total=total,
+        success=success,
+        failed=dict(failed.most_common()),
+        elapsed_s=round(elapsed, 3),
+        images_per_s=round(ok_now / elapsed, 2) if elapsed > 0 else 0.0,
+        image_dir=str(image_dir),
+        layout=layout,
+        shards={
+            "total": len(shard_ids),
+            "done_before": done_before,
+            "done_now": finished - done_before,
+            "unfinished": len(shard_ids) - finished,
+        },
+        this_run={"attempted": monitor.done, "success": ok_now, "failed": monitor.done - ok_now},
+    )
+
+
+def with_overrides(options: FetchOptions, **changes: Any) -> FetchOptions:
+    """A copy of options with image./net. fields changed by name (used by the CLI)."""
+    image = {k: v for k, v in changes.items() if k in ImageParams.__dataclass_fields__}
+    net = {k: v for k, v in changes.items() if k in NetParams.__dataclass_fields__}
+    top = {k: v for k, v in changes.items() if k not in image and k not in net}
+    return replace(options, image=replace(options.image, **image), net=replace(options.net, **net), **top)
