@@ -1,4 +1,4 @@
-"""The demo pipeline on the built-in corpus: corpus -> validate -> pack (3 stages) -> tiny model steps."""
+"""The demo pipeline on the built-in corpus: corpus -> fetch -> validate -> pack (3 stages) -> tiny model."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .demo_corpus import build_demo_corpus
+from .fetch import FetchOptions, NetParams, fetch_datasets, serve_directory
 from .pack import pack_stage
 from .recipes import load_recipe
 from .registry import load_registry
@@ -35,7 +36,8 @@ def run_demo(
     console = console or Console()
     out = Path(out)
     root = out / "data"
-    for stale in (root, out / "packed", out / "model"):
+    web = out / "web"  # what the demo's local image server publishes at its URLs
+    for stale in (root, web, out / "packed", out / "model"):
         if stale.exists():
             shutil.rmtree(stale)
     registry = load_registry()
@@ -44,10 +46,16 @@ def run_demo(
     def header(text: str) -> None:
         nonlocal step
         step += 1
-        console.print(f"\n[bold]{step}/4[/] {text}")
+        console.print(f"\n[bold]{step}/5[/] {text}")
 
-    header(f"building the demo corpus of all {len(registry)} datasets in {root}")
-    build_demo_corpus(root, seed=seed)
+    web.mkdir(parents=True)
+    with serve_directory(web) as base_url:
+        header(f"building the demo corpus of all {len(registry)} datasets in {root}")
+        build_demo_corpus(root, seed=seed, url_root=web, base_url=base_url)
+        header(f"fetching the URL datasets (coyo-10m, the cc12m pair) from a local server at {base_url}")
+        # The server is on loopback, which fetch refuses by default: the demo lifts that, as a user would.
+        options = FetchOptions(net=NetParams(allow_private=True), processes=processes or 0)
+        fetch_datasets(None, root, options, registry=registry, console=console)
 
     header("validating it (image headers, all cores)")
     results = [validate_dataset(spec, root, processes=processes) for spec in registry.values()]
