@@ -1,11 +1,26 @@
-"""`ovis-data fetch`: download a dataset's URL list into its image store, resumably and fast."""
+"""`ovis-data fetch`: download a dataset's URL list into its image store, resumably and fast.
 
-from .engine import FetchOptions, fetch_dataset, fetch_datasets, fetch_url_list, parse_part
-from .images import ImageParams
-from .net import NetParams
-from .reader import open_url_list
-from .report import FetchReport
-from .serve import serve_app, serve_directory
+The names below load on first use: worker processes import `ovis_data.fetch.images`, which runs this file,
+and must not pay for aiohttp, pyarrow and rich, which only the main process needs."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_SOURCES = {
+    "FetchOptions": "engine",
+    "fetch_dataset": "engine",
+    "fetch_datasets": "engine",
+    "fetch_url_list": "engine",
+    "parse_part": "engine",
+    "ImageParams": "images",
+    "NetParams": "net",
+    "open_url_list": "reader",
+    "FetchReport": "report",
+    "serve_app": "serve",
+    "serve_directory": "serve",
+}
 
 __all__ = [
     "FetchOptions",
@@ -20,3 +35,19 @@ __all__ = [
     "serve_app",
     "serve_directory",
 ]
+
+if TYPE_CHECKING:
+    from .engine import FetchOptions, fetch_dataset, fetch_datasets, fetch_url_list, parse_part
+    from .images import ImageParams
+    from .net import NetParams
+    from .reader import open_url_list
+    from .report import FetchReport
+    from .serve import serve_app, serve_directory
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value

@@ -349,7 +349,6 @@ class _Runner:
             records[rec["row"]] = rec
             self.monitor.row(C.WATCHDOG)
         self.monitor.warn(f"watchdog ended {len(stuck)} stuck rows of shard {shard_name(p.shard_id)}")
-        self.pool.stuck = True
         self.last_progress = time.monotonic()
         return len(stuck)
 
@@ -389,14 +388,16 @@ class _Runner:
             if dl.status != C.SUCCESS:
                 return self._fail(rec, dl.status, dl.detail)
             try:
-                out: Processed = await asyncio.wait_for(
-                    self.pool.run(process_image, dl.data, self.opts.image, rows.sha256[i]),
-                    self.opts.process_deadline_s,
+                out: Processed = await self.pool.run(
+                    process_image,
+                    dl.data,
+                    self.opts.image,
+                    rows.sha256[i],
+                    timeout=self.opts.process_deadline_s,
                 )
-            except asyncio.TimeoutError:
-                self.pool.stuck = True
+            except TimeoutError:  # its worker, maybe wedged in a decoder, was replaced
                 return self._fail(rec, C.WATCHDOG, f"processing overran {self.opts.process_deadline_s:.0f}s")
-            except Exception as e:  # BrokenProcessPool: a worker died on this image or beside it
+            except Exception as e:  # BrokenProcessPool: the worker died on this image
                 return self._fail(rec, C.WORKER_CRASH, f"{type(e).__name__}: {e}"[:200])
             if out.status != C.SUCCESS:
                 return self._fail(rec, out.status, out.detail)
