@@ -22,7 +22,7 @@ from .metafile import load_meta
 from .registry import DatasetSpec
 
 MODES = ("meta", "header", "deep")
-CHUNK = 256  # images per worker task: large enough to amortize IPC, small enough for smooth progress
+MAX_CHUNK = 256  # images per worker task: large enough to amortize IPC, small enough for smooth progress
 ProgressFn = Callable[[str, int, int], None]  # (dataset, images done, images total)
 
 
@@ -108,7 +108,10 @@ def _check_headers(
     paths: list[pa.Array] = []
 
     def chunks():
-        reader = con.sql(query).to_arrow_reader(CHUNK)
+        # Several tasks per worker even for small sets, or one slow chunk leaves the other cores idle.
+        workers = processes or os.cpu_count() or 1
+        chunk = max(16, min(MAX_CHUNK, -(-total // (workers * 8))))
+        reader = con.sql(query).to_arrow_reader(chunk)
         for batch in reader:
             cols = batch.to_pydict()
             names = list(cols)
