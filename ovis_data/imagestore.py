@@ -8,16 +8,20 @@ shards: image_dir/NNNNN.tar (members <key>.jpg + <key>.json with image_path), NN
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import posixpath
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 INDEX_NAME = "index.parquet"
+LISTING_SCHEMA = pa.schema([("image_path", pa.string()), ("linked_out", pa.bool_())])
 INDEX_SCHEMA = pa.schema(
     [("image_path", pa.string()), ("tar", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]
 )
@@ -46,18 +50,26 @@ class ImageStore:
         self.image_dir = Path(image_dir)
         self._real_root = os.path.realpath(self.image_dir)
         self.layout = "shards" if is_shard_dir(self.image_dir) else "files"
-        self._index: dict[str, tuple[str, int, int]] | None = None
-        self._tars: dict[str, object] = {}
+        self._index: pa.Table | None = None
 
     # -- listing ------------------------------------------------------------------------------------
     def listing(self) -> pa.Table:
         """Every image present, as a table (image_path, linked_out): no per-file stat, one directory walk."""
         if self.layout == "shards":
-            index = load_index(self.image_dir)
-            paths = index.column("image_path")
-            return pa.table({"image_path": paths, "linked_out": pa.array([False] * len(paths))})
+            paths = load_index(self.image_dir).column("image_path")
+            return pa.table({"image_path": paths, "linked_out": pa.array(np.zeros(len(paths), dtype=bool))})
+        # Names go to Arrow every 64k entries: ten million files never sit in memory as Python strings.
+        chunks: list[pa.RecordBatch] = []
         paths: list[str] = []
         linked_out: list[bool] = []
+
+        def flush() -> None:
+            chunks.append(
+                pa.record_batch([pa.array(paths, pa.string()), pa.array(linked_out)], LISTING_SCHEMA)
+            )
+            paths.clear()
+            linked_out.clear()
+
         stack = [""]
         while stack:
             rel = stack.pop()
@@ -73,7 +85,10 @@ class ImageStore:
                     else:
                         paths.append(name)
                         linked_out.append(False)
-        return pa.table({"image_path": pa.array(paths, pa.string()), "linked_out": pa.array(linked_out)})
+                    if len(paths) >= 65536:
+                        flush()
+        flush()
+        return pa.Table.from_batches(chunks, LISTING_SCHEMA)
 
     def _inside(self, path: str) -> bool:
         real = os.path.realpath(path)
@@ -94,22 +109,28 @@ class ImageStore:
         if self.layout == "files":
             return self.file_path(image_path).read_bytes()
         if self._index is None:
-            t = load_index(self.image_dir)
-            self._index = {
-                p: (tar, off, size)
-                for p, tar, off, size in zip(
-                    t.column("image_path").to_pylist(),
-                    t.column("tar").to_pylist(),
-                    t.column("offset").to_pylist(),
-                    t.column("size").to_pylist(),
-                    strict=True,
-                )
-            }
-        try:
-            tar, offset, size = self._index[image_path]
-        except KeyError as e:
-            raise FileNotFoundError(f"{image_path!r} not in {self.image_dir / INDEX_NAME}") from e
-        return read_range(self.image_dir / tar, offset, size)
+            # Kept as Arrow, sorted by path, and searched by bisection: a 10M-image index costs its
+            # Arrow bytes, not a dict of ten million Python objects, in every worker that reads.
+            self._index = load_index(self.image_dir).combine_chunks()
+        paths = self._index.column("image_path")
+        i = bisect.bisect_left(_ArrowKeys(paths), image_path)
+        if i == len(paths) or paths[i].as_py() != image_path:
+            raise FileNotFoundError(f"{image_path!r} not in {self.image_dir / INDEX_NAME}")
+        row = self._index.slice(i, 1).to_pylist()[0]
+        return read_range(self.image_dir / row["tar"], row["offset"], row["size"])
+
+
+class _ArrowKeys:
+    """A sorted Arrow string column seen as a sequence, for bisect."""
+
+    def __init__(self, column: pa.ChunkedArray):
+        self._column = column
+
+    def __len__(self) -> int:
+        return len(self._column)
+
+    def __getitem__(self, i: int) -> str:
+        return self._column[i].as_py()
 
 
 def read_range(path: Path, offset: int, size: int) -> bytes:
@@ -135,8 +156,16 @@ def load_index(image_dir: Path) -> pa.Table:
         table = pq.read_table(path)
         covered = json.loads((table.schema.metadata or {}).get(b"shards", b"null"))
         if covered == _finished_shards(image_dir):
-            return table
+            return _sorted(table)
     return build_index(image_dir)
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    """The index in image_path order (older or imported indexes may not be)."""
+    paths = table.column("image_path")
+    if len(paths) < 2 or pc.all(pc.less_equal(paths[:-1], paths[1:])).as_py():
+        return table
+    return table.take(pc.sort_indices(table, sort_keys=[("image_path", "ascending")]))
 
 
 def _finished_shards(image_dir: Path) -> list[str]:
@@ -169,7 +198,7 @@ def build_index(image_dir: Path) -> pa.Table:
                 rows["offset"].append(m.offset_data)
                 rows["size"].append(m.size)
     schema = INDEX_SCHEMA.with_metadata({"shards": json.dumps(shards)})
-    table = pa.table(rows, schema=schema)
+    table = _sorted(pa.table(rows, schema=schema))
     tmp = image_dir / f".{INDEX_NAME}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, image_dir / INDEX_NAME)

@@ -331,6 +331,11 @@ def test_shards_layout_is_read_through_the_index(tmp_path: Path):
     ]
     store = ImageStore(root / "images" / "set")
     assert store.layout == "shards" and store.read_bytes("x/1.jpg") == good
+    assert store.read_bytes("x/3.jpg") == good[: len(good) // 2]  # second shard, found by bisection
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("x/0.jpg")  # sorts before every indexed path
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("x/4.jpg")
     assert build_index(root / "images" / "set").num_rows == 3
 
 
