@@ -30,7 +30,7 @@ def _source_sql(
     suffix = path.suffix.lower()
     typed = typed or {}
     if suffix == ".parquet":
-        present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{p}')").fetchall()}
+        present = _parquet_columns(con, path)
         cols = ", ".join(
             f'to_json("{c}") AS "{c}"' if c in present else f'NULL::JSON AS "{c}"' for c in columns
         )
@@ -44,6 +44,11 @@ def _source_sql(
             f"columns={spec}, maximum_object_size=268435456)"
         )
     raise OvisDataError(f"{path}: unsupported meta file type {suffix!r} (use .json, .jsonl or .parquet)")
+
+
+def _parquet_columns(con: duckdb.DuckDBPyConnection, path: Path) -> set[str]:
+    p = str(path).replace("'", "''")
+    return {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{p}')").fetchall()}
 
 
 def _first_char(path: Path) -> str:
@@ -187,6 +192,10 @@ def load_meta(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, path: Path) -> 
     params: dict[str, object] = {"dataset": spec.name, "has_images": spec.image_dir is not None}
     try:
         if spec.data_format == "caption":
+            if path.suffix.lower() == ".parquet":
+                missing = [c for c in ("caption", "image_path") if c not in _parquet_columns(con, path)]
+                if missing:
+                    raise OvisDataError(f"{path}: caption meta file lacks column(s) {missing}")
             source = _source_sql(path, CAPTION_COLUMNS, con)
             _run(con, [s.format(source=source) for s in _CAPTION_SQL], params)
         else:
@@ -208,11 +217,6 @@ def load_meta(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, path: Path) -> 
         raise OvisDataError(f"{path}: unreadable meta file: {str(e).splitlines()[0]}") from e
     except duckdb.IOException as e:
         raise OvisDataError(f"{path}: unreadable meta file: {str(e).splitlines()[0]}") from e
-    if spec.data_format == "caption" and path.suffix.lower() == ".parquet":
-        present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()}
-        missing = [c for c in ("caption", "image_path") if c not in present]
-        if missing:
-            raise OvisDataError(f"{path}: caption meta file lacks column(s) {missing}")
     # './a.jpg' names the same file as 'a.jpg': normalize once so joins and the catalog agree.
     con.execute(
         r"""UPDATE meta SET images = [regexp_replace(x, '^(\./)+', '') for x in images]

@@ -199,8 +199,9 @@ def _write_outputs(
     ]
     for path, query in targets:
         tmp = path.with_name(f".{path.name}.tmp")
+        target = str(tmp).replace("'", "''")
         con.execute(
-            f"COPY ({query}) TO '{tmp}' (FORMAT parquet, KV_METADATA {{ovis_check: '{mode}'}})",
+            f"COPY ({query}) TO '{target}' (FORMAT parquet, KV_METADATA {{ovis_check: '{mode}'}})",
             {"dataset": spec.name},
         )
         os.replace(tmp, path)

@@ -376,3 +376,20 @@ def test_typed_fast_path_gives_the_same_reasons(root_info):
     (root / "meta_files" / "conv.json").write_text(json.dumps([s for s, _ in rows]))
     validate_dataset(reg["conv"], root, processes=1)
     assert rejected(root, "conv") == {str(s["id"]): r for s, r in rows if r}
+
+
+def test_caption_parquet_without_its_columns_is_a_configuration_error(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "meta_files").mkdir(parents=True)
+    (root / "images" / "x").mkdir(parents=True)
+    pq.write_table(pa.table({"image_path": ["a.jpg"], "text": ["hi"]}), root / "meta_files" / "it's.parquet")
+    info = tmp_path / "info.json"
+    info.write_text(
+        json.dumps(
+            {"c": {"meta_file": "it's.parquet", "image_dir": "x", "data_format": "caption", "stage": 1}}
+        )
+    )
+    with pytest.raises(
+        OvisDataError, match=r"it's\.parquet: caption meta file lacks column\(s\) \['caption'\]"
+    ):
+        validate_dataset(load_registry(info)["c"], root)
