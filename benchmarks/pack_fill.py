@@ -1,11 +1,19 @@
 """Fill of packed sequences: ours (best-fit decreasing) beside the original's padded batches and the
 greedy knapsack of LLaMA-Factory, at capacities 2048, 4096 (and 8192, to show where fill saturates).
 
+    pip install -c constraints.txt -e '.[bench]'   # scipy, for the LP bound
     python benchmarks/pack_fill.py [--n 100000] [--llava 665000]
 
 fill = real tokens / tokens paid for (packs x capacity; or batches x 8 x longest for padded batches).
-`bound` is the fill at a lower bound on the number of packs (Martello-Toth L2, Fekete-Schepers dual
-feasible functions): no packing of these samples can do better.
+Two upper bounds on the fill of any packing of these samples, each the fill at a lower bound on the
+number of packs (neither is weaker than the other on every row, so both are shown):
+  `bound`     Martello-Toth L2 and Fekete-Schepers dual feasible functions, on the true lengths;
+  `LP bound`  ceil of the Gilmore-Gomory configuration LP (column generation, `lp_bound.py`) on the
+              lengths rounded down to multiples of g = capacity / 1024 (never below ceil(tokens / C)).
+              A `*` marks a row where the column generation hit its time limit: the figure is then the
+              Farley bound of the last duals, still valid but possibly weaker than the LP.
+The image cap (max_images=32) cannot bind here: every image costs >= 578 tokens, so a pack of 8192
+holds at most 14 images; `report` checks this, since the LP ignores the cap.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import bisect
 import time
 
 import numpy as np
+from lp_bound import configuration_lp_bound
 from pack_corpus import VISUAL_TOKENS, llava665k_lengths, qwen_path, stage3_conversations
 
 from ovis_data.packing import best_fit_decreasing
@@ -86,6 +95,13 @@ def _l2_bound(w: np.ndarray, capacity: int) -> int:
     return best
 
 
+def lp_bound_fill(lengths: np.ndarray, capacity: int, time_limit: float) -> tuple[float, bool]:
+    """Fill at ceil(configuration LP) packs (see the module doc), and whether the LP converged."""
+    lp = configuration_lp_bound(lengths, capacity, g=max(1, capacity // 1024), time_limit=time_limit)
+    packs = max(lp.packs, int(np.ceil(lengths.sum() / capacity)))
+    return lengths.sum() / (packs * capacity), lp.converged
+
+
 def demo_lengths(n: int) -> tuple[np.ndarray, np.ndarray]:
     tok = load_tokenizer(qwen_path())
     enc = SampleEncoder(tok, detect_chat_format(tok))
@@ -102,24 +118,34 @@ def demo_lengths(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(lengths), np.concatenate(images)
 
 
-def report(name: str, lengths: np.ndarray, images: np.ndarray) -> None:
+def report(
+    name: str, lengths: np.ndarray, images: np.ndarray, max_images: int = 32, lp_time: float = 35
+) -> None:
     print(f"\n{name}: {len(lengths):,} samples, median true length {int(np.median(lengths))}")
     print(
-        f"{'capacity':>8} {'kept':>8} {'ours':>7} {'bound':>7} {'padded8':>8} {'knapsack':>9} "
-        f"{'ours/padded':>12} {'ours/knap':>10} {'ours s':>7}"
+        f"{'capacity':>8} {'kept':>8} {'ours':>7} {'LP bound':>9} {'bound':>7} {'padded8':>8} "
+        f"{'knapsack':>9} {'ours/padded':>12} {'ours/knap':>10} {'ours s':>7} {'LP s':>6}"
     )
+    has = images > 0
+    tokens_per_image = (lengths[has] / images[has]).min() if has.any() else np.inf
     for cap in (2048, 4096, 8192):
         keep = lengths <= cap
         ln, im = lengths[keep], images[keep]
         t = time.perf_counter()
-        ours = best_fit_decreasing(ln, cap, images=im, max_images=32, seed=0).fill
+        if cap // tokens_per_image > max_images:
+            raise SystemExit(f"max_images={max_images} may bind at capacity {cap}: the LP bound ignores it")
+        ours = best_fit_decreasing(ln, cap, images=im, max_images=max_images, seed=0).fill
         dt = time.perf_counter() - t
         padded = padded_batches_fill(ln)
         knap = knapsack_fill(ln, cap)
         bound = bound_fill(ln, cap)
+        t = time.perf_counter()
+        lp, converged = lp_bound_fill(ln, cap, lp_time)
+        lp_dt = time.perf_counter() - t
         print(
-            f"{cap:>8} {keep.mean():>8.2%} {ours:>7.2%} {bound:>7.2%} {padded:>8.2%} {knap:>9.2%} "
-            f"{ours / padded:>11.2f}x {ours / knap:>9.3f}x {dt:>7.2f}"
+            f"{cap:>8} {keep.mean():>8.2%} {ours:>7.2%} {lp:>8.2%}{' ' if converged else '*'} {bound:>7.2%} "
+            f"{padded:>8.2%} {knap:>9.2%} {ours / padded:>11.2f}x {ours / knap:>9.3f}x {dt:>7.2f} "
+            f"{lp_dt:>6.1f}"
         )
 
 
@@ -127,9 +153,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000, help="stage-3 demo-mix samples")
     ap.add_argument("--llava", type=int, default=665_000, help="LLaVA-665k-like samples")
+    ap.add_argument("--lp-time", type=float, default=35, help="seconds of column generation per row")
     args = ap.parse_args()
-    report("stage-3 mix of the demo corpus, scaled up (Qwen2.5 tokens)", *demo_lengths(args.n))
-    report("LLaVA-665k-like length distribution", *llava665k_lengths(args.llava))
+    report(
+        "stage-3 mix of the demo corpus, scaled up (Qwen2.5 tokens)",
+        *demo_lengths(args.n),
+        lp_time=args.lp_time,
+    )
+    report("LLaVA-665k-like length distribution", *llava665k_lengths(args.llava), lp_time=args.lp_time)
 
 
 if __name__ == "__main__":
