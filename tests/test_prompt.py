@@ -6,14 +6,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from ovis_data.templates import detect_chat_format
-from ovis_data.tokenize import SampleEncoder
+from ovis_data.tokenize import SampleEncoder, bundled_qwen_tokenizer_dir
 from ovis_model.prompt import detect_template, generation_prompt
-from ovis_model.tiny import qwen_tokenizer_dir
 
 
 @pytest.mark.parametrize("system", [None, "Answer in one word."])
 def test_generation_prompt_is_the_training_prefix(system):
-    tok = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    tok = AutoTokenizer.from_pretrained(bundled_qwen_tokenizer_dir())
     assert detect_template(tok) == "qwen"
     query, answer = "<image>\nWhat is in the picture? 🙂", "A cat."
     text, ids = generation_prompt(tok, "qwen", query, system)

