@@ -1,8 +1,7 @@
 """Generation prompts for `chat`, rendered by the very chat formats the pack stage trains with.
 
-One source of truth: `ovis_data.templates` (OVIS_V1.md section 3). Each turn is tokenized on its own,
-split only at `<image>`, with `add_special_tokens=False`, and the pieces are joined with one `-200` per
-image, exactly as packed training samples were.
+One source of truth: `ovis_data.templates` renders the turns and `ovis_data.tokenize` tokenizes them
+(each turn on its own, split at `<image>`, one `-200` per image), exactly as packed samples were.
 """
 
 from __future__ import annotations
@@ -10,9 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ovis_data.errors import OvisDataError
-from ovis_data.templates import FIXED_FORMATS, ChatFormat, detect_chat_format
-
-from .constants import IMAGE_TOKEN, IMAGE_TOKEN_ID
+from ovis_data.templates import FIXED_FORMATS, ChatFormat, Turn, detect_chat_format
+from ovis_data.tokenize import SampleEncoder
 
 FORMATS: dict[str, ChatFormat] = FIXED_FORMATS
 
@@ -31,17 +29,6 @@ def detect_template(tokenizer: Any) -> str | None:
     return fmt.name if fmt.name in FORMATS else None
 
 
-def tokenize_with_images(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` with one `-200` per `<image>`, the pieces tokenized separately."""
-    ids: list[int] = []
-    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
-        if i:
-            ids.append(IMAGE_TOKEN_ID)
-        if piece:
-            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
-    return ids
-
-
 def generation_prompt(
     tokenizer: Any, template: str, query: str, system: str | None = None
 ) -> tuple[str, list[int]]:
@@ -51,6 +38,6 @@ def generation_prompt(
         raise ValueError(f"unknown chat template {template!r}; known: {sorted(FORMATS)}")
     fmt = FORMATS[template]
     roles, texts = (["system", "human"], [system, query]) if system is not None else (["human"], [query])
-    turns = [t.text for t in fmt.render(roles, texts)] + [fmt.roles["gpt"]]
-    ids = [i for turn in turns for i in tokenize_with_images(tokenizer, turn)]
-    return "".join(turns), ids
+    turns = [*fmt.render(roles, texts), Turn(fmt.roles["gpt"])]
+    ids, _ = SampleEncoder(tokenizer, fmt).encode_turns([turns]).sample(0)
+    return "".join(t.text for t in turns), ids.tolist()
