@@ -51,6 +51,8 @@ def _connect() -> duckdb.DuckDBPyConnection:
     return con
 
 
+# The vectorized twin of imagestore.unsafe_path_reason (which fetch and the readers use per path):
+# keep the two rules in step.
 _PATH_SQL = """
 CREATE OR REPLACE TEMP TABLE img AS
 WITH u AS (
