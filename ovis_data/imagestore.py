@@ -9,6 +9,7 @@ shards: image_dir/NNNNN.tar (members <key>.jpg + <key>.json with image_path), NN
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
 import posixpath
@@ -26,6 +27,8 @@ INDEX_SCHEMA = pa.schema(
     [("image_path", pa.string()), ("tar", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]
 )
 FETCH_BOOKKEEPING = ".fetch"  # image_dir/.fetch/: `ovis-data fetch` bookkeeping, never an image
+SHARD_INDEX_DIR = f"{FETCH_BOOKKEEPING}/index"  # one NNNNN.parquet per tar: build_index's parts
+SHARD_INDEX_SCHEMA = pa.schema([("image_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -173,33 +176,92 @@ def _finished_shards(image_dir: Path) -> list[str]:
 
 
 def build_index(image_dir: Path) -> pa.Table:
-    """Scan every finished tar once for member offsets and write index.parquet atomically."""
-    rows: dict[str, list] = {"image_path": [], "tar": [], "offset": [], "size": []}
+    """index.parquet over every finished shard, written atomically. Each shard's part comes from its
+    saved shard index when that still matches the tar (fetch writes it from the offsets it wrote, so a
+    10M-image dir is never re-read), else from one scan of the tar, saved for next time."""
+    parts = []
     shards = _finished_shards(image_dir)
     for shard in shards:
         tar_path = image_dir / f"{shard}.tar"
         if not tar_path.exists():
             continue
-        members: dict[str, tarfile.TarInfo] = {}
-        metas: dict[str, str] = {}
-        with tarfile.open(tar_path) as tf:
-            for m in tf:
-                key, ext = posixpath.splitext(m.name)
-                if ext == ".json":
-                    meta = json.loads(tf.extractfile(m).read())
-                    if meta.get("image_path"):
-                        metas[key] = meta["image_path"]
-                elif ext.lower() in IMAGE_EXTS:
-                    members[key] = m
-        for key, m in members.items():
-            if key in metas:
-                rows["image_path"].append(metas[key])
-                rows["tar"].append(tar_path.name)
-                rows["offset"].append(m.offset_data)
-                rows["size"].append(m.size)
+        part = read_shard_index(image_dir, shard)
+        if part is None:
+            part = _scan_tar(tar_path)
+            with contextlib.suppress(OSError):  # a read-only store still gets its index in memory
+                write_shard_index(image_dir, shard, part)
+        parts.append(
+            pa.table(
+                {
+                    "image_path": part.column("image_path"),
+                    "tar": pa.array([tar_path.name] * part.num_rows, pa.string()),
+                    "offset": part.column("offset"),
+                    "size": part.column("size"),
+                }
+            )
+        )
     schema = INDEX_SCHEMA.with_metadata({"shards": json.dumps(shards)})
-    table = _sorted(pa.table(rows, schema=schema))
+    table = pa.concat_tables(parts).cast(INDEX_SCHEMA) if parts else INDEX_SCHEMA.empty_table()
+    table = _sorted(table.replace_schema_metadata(schema.metadata))
     tmp = image_dir / f".{INDEX_NAME}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, image_dir / INDEX_NAME)
+    return table
+
+
+def _scan_tar(tar_path: Path) -> pa.Table:
+    """(image_path, offset, size) of a tar's images, paired with their `<key>.json` by key."""
+    members: dict[str, tarfile.TarInfo] = {}
+    metas: dict[str, str] = {}
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            key, ext = posixpath.splitext(m.name)
+            if ext == ".json":
+                meta = json.loads(tf.extractfile(m).read())  # type: ignore[union-attr]
+                if meta.get("image_path"):
+                    metas[key] = meta["image_path"]
+            elif ext.lower() in IMAGE_EXTS:
+                members[key] = m
+    found = [(metas[k], m.offset_data, m.size) for k, m in members.items() if k in metas]
+    return pa.table(
+        {
+            "image_path": pa.array([f[0] for f in found], pa.string()),
+            "offset": pa.array([f[1] for f in found], pa.int64()),
+            "size": pa.array([f[2] for f in found], pa.int64()),
+        },
+        schema=SHARD_INDEX_SCHEMA,
+    )
+
+
+def shard_index_path(image_dir: Path, shard: str) -> Path:
+    return image_dir / SHARD_INDEX_DIR / f"{shard}.parquet"
+
+
+def _tar_identity(tar_path: Path) -> str:
+    st = tar_path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def write_shard_index(image_dir: Path, shard: str, part: pa.Table) -> None:
+    """Save one shard's (image_path, offset, size), stamped with its tar's size and mtime: a tar
+    rewritten later no longer matches and gets scanned."""
+    tar_path = image_dir / f"{shard}.tar"
+    path = shard_index_path(image_dir, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = part.cast(SHARD_INDEX_SCHEMA).replace_schema_metadata({"tar": _tar_identity(tar_path)})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_shard_index(image_dir: Path, shard: str) -> pa.Table | None:
+    """A shard's saved index, or None when missing, unreadable or not made from the tar now there."""
+    path = shard_index_path(image_dir, shard)
+    try:
+        table = pq.read_table(path)
+        stamp = (table.schema.metadata or {}).get(b"tar", b"").decode()
+        if stamp != _tar_identity(image_dir / f"{shard}.tar"):
+            return None
+    except (OSError, pa.ArrowInvalid):
+        return None
     return table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from PIL import Image
 from test_fetch_support import FAST_NET, FaultServer, make_image, write_url_list
 
 from ovis_data.fetch import FetchOptions, ImageParams, fetch_url_list, open_url_list, serve_app
-from ovis_data.imagestore import ImageStore, load_index
+from ovis_data.fetch.writer import TAR_MTIME, tar_header
+from ovis_data.imagestore import SHARD_INDEX_DIR, ImageStore, build_index, load_index, read_shard_index
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 60
@@ -188,3 +190,56 @@ def test_hash_verified_when_the_source_gives_one(tmp_path: Path) -> None:
     assert report.success == 1 and report.failed == {"hash_mismatch": 1}
     decoded = Image.open(io.BytesIO((tmp_path / "d" / "a.jpg").read_bytes()))
     assert decoded.size == (200, 150)
+
+
+def test_shard_index_saved_by_fetch_equals_a_scan_of_the_tars(tmp_path: Path) -> None:
+    """The shards layout's index comes from the offsets the writer knew; it must equal what a scan of
+    the tars finds, and a tar changed since its part was saved must be scanned again."""
+    names = sorted(IMAGES)[:20]
+    image_dir = tmp_path / "d"
+    with serve_app(FaultServer(IMAGES).app()) as base:
+        ul = open_url_list(url_list_for(tmp_path, base, names), "url", "image_path")
+        fetch_url_list(ul, image_dir, FetchOptions(layout="shards", net=FAST_NET, shard_size=8, processes=1))
+    from_writer = load_index(image_dir)
+    parts = sorted(p.name for p in (image_dir / SHARD_INDEX_DIR).iterdir())
+    assert parts == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    shutil.rmtree(image_dir / SHARD_INDEX_DIR)
+    (image_dir / "index.parquet").unlink()
+    scanned = build_index(image_dir)  # scans every tar, saving the parts again
+    assert scanned.equals(from_writer) and len(from_writer) == 20
+    assert sorted(p.name for p in (image_dir / SHARD_INDEX_DIR).iterdir()) == parts
+    with tarfile.open(image_dir / "00001.tar") as tf:  # offsets point at the members' bytes
+        for row in from_writer.to_pylist():
+            if row["tar"] == "00001.tar":
+                member = tf.getmember(_member_at(tf, row["offset"]))
+                assert tf.extractfile(member).read() == ImageStore(image_dir).read_bytes(row["image_path"])
+
+    # A tar rewritten after its part was saved (here: a member dropped) is scanned, not trusted.
+    rewritten = tmp_path / "rewritten.tar"
+    with tarfile.open(image_dir / "00000.tar") as old, tarfile.open(rewritten, "w") as new:
+        for m in old.getmembers()[2:]:
+            new.addfile(m, old.extractfile(m))
+    os.replace(rewritten, image_dir / "00000.tar")
+    assert read_shard_index(image_dir, "00000") is None
+    assert len(build_index(image_dir)) == 19
+
+
+def _member_at(tf: tarfile.TarFile, offset: int) -> str:
+    return next(m.name for m in tf.getmembers() if m.offset_data == offset)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [
+        ("0000000001.jpg", 12345),
+        ("k.json", 0),
+        ("x" * 99, 8**11 - 1),
+        ("é.jpg", 5),
+        ("y" * 150, 10),
+        ("z", 8**11),
+    ],
+)
+def test_template_tar_header_equals_tarfile(name: str, size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, TAR_MTIME, 0o644
+    assert tar_header(name, size) == info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
