@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,11 +10,6 @@ from typing import Any
 from .errors import OvisDataError
 from .registry import DatasetSpec
 from .resources import resource_path
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 TEMPLATES = ("auto", "qwen", "llama3", "gemma", "chat_template")
 

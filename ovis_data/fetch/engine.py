@@ -315,7 +315,7 @@ class _Runner:
         while remaining:
             try:
                 t = await asyncio.wait_for(finished.get(), tick)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if time.monotonic() - self.last_progress > self.opts.stall_s:
                     remaining -= await self._end_stuck(p, rows, tasks, records, finished)
                 continue
@@ -380,9 +380,10 @@ class _Runner:
         if path is None or unsafe_path_reason(path):
             return self._fail(rec, C.BAD_PATH, unsafe_path_reason(path or ""))
         async with self.sem:
-            try:
-                dl = await asyncio.wait_for(self.dl.fetch(url), self.row_deadline)
-            except asyncio.TimeoutError:
+            try:  # asyncio.timeout, not wait_for: wait_for (3.11) wraps every row in one more task
+                async with asyncio.timeout(self.row_deadline):
+                    dl = await self.dl.fetch(url)
+            except TimeoutError:
                 return self._fail(rec, C.WATCHDOG, f"download overran {self.row_deadline:.0f}s")
             rec["attempts"] = dl.attempts
             if dl.status != C.SUCCESS:
