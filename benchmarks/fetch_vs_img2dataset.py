@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from ovis_data.fetch import FetchOptions, ImageParams, NetParams, fetch_url_list, open_url_list
+from ovis_data.fetch.frames import default_processes
 from ovis_data.fetch.images import process_image
 from ovis_data.fetch.img2dataset_engine import img2dataset_command
-from ovis_data.fetch.pool import default_processes
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".bench"

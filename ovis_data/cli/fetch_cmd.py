@@ -34,9 +34,11 @@ def fetch(
         int, typer.Option(help="Cap the longer side (never upscales); 0 keeps the original bytes.")
     ] = 512,
     quality: Annotated[int, typer.Option(help="JPEG quality of re-encoded images.")] = 95,
-    processes: Annotated[int, typer.Option(help="Decode/resize processes (0: every core).")] = 0,
+    processes: Annotated[
+        int, typer.Option(help="Worker processes, each downloading and decoding (0: every core).")
+    ] = 0,
     concurrency: Annotated[int, typer.Option(help="Downloads in flight, in total.")] = 256,
-    per_host: Annotated[int, typer.Option(help="Connections per host.")] = 16,
+    per_host: Annotated[int, typer.Option(help="Connections per host, in total.")] = 16,
     retries: Annotated[
         int, typer.Option(help="Extra attempts for transient failures (timeouts, 5xx, 429).")
     ] = 2,

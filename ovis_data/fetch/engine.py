@@ -3,7 +3,8 @@
 A shard of rows is the unit of work, of resume and of reporting. Per run:
   plan     which shards of this part are unfinished (or, with retry_failed, which rows failed transiently)
   run      asyncio: a bounded number of rows in flight across at most `shards_in_flight` shards; each row
-           is downloaded (aiohttp), processed in the worker pool, and written atomically
+           is downloaded and processed by one of the worker processes (fetchers.py), then written
+           atomically by this process
   finish   a shard's status parquet, then its _stats.json done-marker; the shards layout then gets its index
 A watchdog ends rows that overrun their deadline and shards where nothing finishes for `stall_s`.
 """
@@ -28,9 +29,9 @@ from ..errors import OvisDataError
 from ..imagestore import INDEX_NAME, build_index, is_shard_dir, unsafe_path_reason
 from ..registry import DatasetSpec, load_registry
 from . import classes as C
-from .images import ImageParams, Processed, process_image
-from .net import Downloader, NetParams
-from .pool import WorkerPool
+from .fetchers import PROCESSOR, Fetchers
+from .images import ImageParams, Processed
+from .net import NetParams
 from .reader import ShardRows, UrlList, open_url_list, part_shards, read_rows, shard_count
 from .report import FetchReport, Monitor
 from .writer import BOOKKEEPING, AtomicFiles, FilesShard, TarShard, done_marker, shard_name, status_dir
@@ -54,6 +55,7 @@ class FetchOptions:
     process_deadline_s: float = 120.0  # decode + resize + encode of one image, queue included
     stall_s: float = 300.0  # a run where no row finishes for this long has its stuck rows ended
     durable: bool = True  # fsync a shard's files before its done-marker (survives power loss)
+    processor: str = PROCESSOR  # "module:function" with process_image's signature, run in the workers
 
 
 @dataclass
@@ -145,13 +147,13 @@ def fetch_url_list(
             (image_dir / INDEX_NAME).unlink(missing_ok=True)  # rebuilt below; a stale one would mislead
         attempted = sum(len(p.rows) if p.rows is not None else p.stop - p.start for p in plan)
         monitor = Monitor(label or url_list.path.name, attempted, console)
-        pool = WorkerPool(opts.processes)
+        fetchers = Fetchers(opts.processes, opts.net, opts.image, opts.process_deadline_s, opts.processor)
         try:
             with monitor:
-                runner = _Runner(url_list, image_dir, layout, shard_size, opts, monitor, atomic, pool)
+                runner = _Runner(url_list, image_dir, layout, shard_size, opts, monitor, atomic, fetchers)
                 asyncio.run(runner.run(plan))
         finally:
-            pool.close()
+            fetchers.close()
         if layout == "shards":
             build_index(image_dir)
         return _report(label, url_list, image_dir, layout, shard_size, shard_ids, done_before, plan, monitor)
@@ -246,7 +248,7 @@ class _Runner:
         opts: FetchOptions,
         monitor: Monitor,
         atomic: AtomicFiles,
-        pool: WorkerPool,
+        fetchers: Fetchers,
     ) -> None:
         self.url_list = url_list
         self.image_dir = image_dir
@@ -254,7 +256,7 @@ class _Runner:
         self.opts = opts
         self.monitor = monitor
         self.atomic = atomic
-        self.pool = pool
+        self.fetchers = fetchers
         self.key_width = max(4, len(str(shard_size - 1)))
         net = opts.net
         self.row_deadline = opts.row_deadline_s or (
@@ -268,14 +270,12 @@ class _Runner:
             return
         self.sem = asyncio.Semaphore(self.opts.net.concurrency)
         queue = list(reversed(plan))
-        async with Downloader(self.opts.net) as dl:
-            self.dl = dl
 
-            async def worker() -> None:
-                while queue:
-                    await self.shard(queue.pop())
+        async def worker() -> None:
+            while queue:
+                await self.shard(queue.pop())
 
-            await asyncio.gather(*(worker() for _ in range(min(self.opts.shards_in_flight, len(plan)))))
+        await asyncio.gather(*(worker() for _ in range(min(self.opts.shards_in_flight, len(plan)))))
 
     async def shard(self, p: ShardPlan) -> None:
         started = time.time()
@@ -380,28 +380,12 @@ class _Runner:
         if path is None or unsafe_path_reason(path):
             return self._fail(rec, C.BAD_PATH, unsafe_path_reason(path or ""))
         async with self.sem:
-            try:  # asyncio.timeout, not wait_for: wait_for (3.11) wraps every row in one more task
-                async with asyncio.timeout(self.row_deadline):
-                    dl = await self.dl.fetch(url)
-            except TimeoutError:
-                return self._fail(rec, C.WATCHDOG, f"download overran {self.row_deadline:.0f}s")
-            rec["attempts"] = dl.attempts
-            if dl.status != C.SUCCESS:
-                return self._fail(rec, dl.status, dl.detail)
-            try:
-                out: Processed = await self.pool.run(
-                    process_image,
-                    dl.data,
-                    self.opts.image,
-                    rows.sha256[i],
-                    timeout=self.opts.process_deadline_s,
-                )
-            except TimeoutError:  # its worker, maybe wedged in a decoder, was replaced
-                return self._fail(rec, C.WATCHDOG, f"processing overran {self.opts.process_deadline_s:.0f}s")
-            except Exception as e:  # BrokenProcessPool: the worker died on this image
-                return self._fail(rec, C.WORKER_CRASH, f"{type(e).__name__}: {e}"[:200])
-            if out.status != C.SUCCESS:
-                return self._fail(rec, out.status, out.detail)
+            got = await self.fetchers.fetch(url, rows.sha256[i], self.row_deadline)
+            rec["attempts"] = got.attempts
+            if got.status != C.SUCCESS:
+                return self._fail(rec, got.status, got.detail)
+            out: Processed | None = got.image
+            assert out is not None
             info = {
                 "sha256": out.sha256,
                 "width": out.width,
@@ -411,7 +395,7 @@ class _Runner:
                 "original_size": out.original_size,
                 "original_sha256": out.original_sha256,
             }
-            meta = {"key": rec["key"], "image_path": path, "url": url, "final_url": dl.final_url, **info}
+            meta = {"key": rec["key"], "image_path": path, "url": url, "final_url": got.final_url, **info}
             assert out.data is not None
             writer.add(rec["key"], path, out.ext, out.data, meta)
             rec.update(info)

@@ -31,7 +31,7 @@ from ..imagestore import build_index, unsafe_path_reason
 from ..registry import DatasetSpec, load_registry
 from . import classes as C
 from .engine import DEFAULT_SHARD_SIZE, FetchOptions, _url_spec
-from .pool import default_processes
+from .frames import default_processes
 from .reader import UrlList, open_url_list
 from .report import FetchReport
 from .writer import BOOKKEEPING, AtomicFiles
