@@ -37,6 +37,7 @@ PROCESSOR = "ovis_data.fetch.images:process_image"
 IDLE = -1  # slot token while a worker is not decoding
 MAX_HANDOVERS = 2  # a job whose worker died this often while downloading it fails as worker_crash
 WATCH_EVERY_S = 0.25
+RESULTS_EVERY_S = 0.02
 
 
 @dataclass
@@ -76,8 +77,10 @@ async def _serve_loop(
     jobs: list[tuple[int, str, str | None, float]] = []
     reader = FrameReader(rfd, jobs.extend)  # a frame carries a list of (token, url, sha256, deadline_s)
     os.set_blocking(rfd, False)
-    # Never blocks: while the main process is not scheduled, this worker goes on decoding.
-    results = FrameWriter(wfd, loop)
+    # Never blocks: while the main process is not scheduled, this worker goes on decoding. Results go
+    # out every RESULTS_EVERY_S: each wakeup of the main process preempts a decoding worker (measured on
+    # 2 cores: 80-81% of the CPU ceiling with a write per result, 84-85% with this).
+    results = FrameWriter(wfd, loop, coalesce_s=RESULTS_EVERY_S)
     running: set[asyncio.Task] = set()
 
     async def job(token: int, url: str, sha: str | None, deadline_s: float) -> None:

@@ -96,17 +96,30 @@ class FrameReader:
 
 class FrameWriter:
     """Sends frames on a non-blocking pipe without ever blocking: what the pipe does not take now waits
-    for the event loop to report it writable (meanwhile the caller goes on working)."""
+    for the event loop to report it writable (meanwhile the caller goes on working). With `coalesce_s`,
+    frames sent within that window go in one write, so the reader wakes up once for all of them."""
 
-    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop, coalesce_s: float = 0.0) -> None:
         os.set_blocking(fd, False)
         self.fd = fd
         self._loop = loop
+        self._coalesce_s = coalesce_s
         self._unsent: deque[memoryview] = deque()
-        self._waiting = False
+        self._waiting = False  # for the pipe to drain
+        self._timer = False  # a coalesced flush is due
 
     def send(self, obj: Any) -> None:
         self._unsent.extend(memoryview(b).cast("B") for b in encode_frame(obj))
+        if self._waiting or self._timer:
+            return
+        if self._coalesce_s:
+            self._timer = True
+            self._loop.call_later(self._coalesce_s, self._due)
+        else:
+            self._flush()
+
+    def _due(self) -> None:
+        self._timer = False
         if not self._waiting:
             self._flush()
 
@@ -130,7 +143,7 @@ class FrameWriter:
 
 
 def write_all(fd: int, parts: list[bytes | memoryview]) -> None:
-    """Write every part to a blocking fd."""
+    """Write every part to a blocking fd (pipe or file) in as few writev calls as it takes."""
     views = [memoryview(p) for p in parts]
     while views:
         k = os.writev(fd, views)

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..imagestore import unsafe_path_reason, write_shard_index
+from .frames import write_all
 
 BOOKKEEPING = ".fetch"
 TAR_MTIME = 0  # fixed member mtime: the same images give the same tar bytes
@@ -152,6 +153,7 @@ def _header_template() -> tuple[bytes, int]:
 
 
 _TEMPLATE, _TEMPLATE_SUM = _header_template()
+_ZEROS = bytes(tarfile.BLOCKSIZE)
 
 
 def tar_header(name: str, size: int) -> bytes:
@@ -189,7 +191,7 @@ class TarShard:
         self.durable = durable
         self.name = shard_name(shard_id)
         self.tmp = atomic.temp(f"{self.name}.tar")
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 (spans the shard)
+        self._file = open(self.tmp, "wb", buffering=0)  # noqa: SIM115 (spans the shard; writev below)
         self._offset = 0
         self._index: list[tuple[str, int, int]] = []  # (image_path, data offset, size)
 
@@ -202,7 +204,7 @@ class TarShard:
                 if not m.isfile():
                     continue
                 data = old.extractfile(m).read()  # type: ignore[union-attr]
-                offset = self._member(m.name, data)
+                (offset,) = self._members([(m.name, data)])
                 key, ext = posixpath.splitext(m.name)
                 if ext == ".json":
                     paths[key] = json.loads(data).get("image_path")
@@ -210,24 +212,32 @@ class TarShard:
                     images[key] = (offset, len(data))
         self._index.extend((paths[k], *images[k]) for k in images if paths.get(k))
 
-    def _member(self, name: str, data: bytes) -> int:
-        """Append a member in one write; return where its data starts."""
-        header = tar_header(name, len(data))
-        pad = -len(data) % tarfile.BLOCKSIZE
-        self._file.write(b"".join((header, data, bytes(pad))))
-        start = self._offset + len(header)
-        self._offset = start + len(data) + pad
-        return start
+    def _members(self, members: list[tuple[str, bytes]]) -> list[int]:
+        """Append members in one writev (no join copy of the image); return where each one's data starts."""
+        parts: list[bytes] = []
+        starts = []
+        offset = self._offset
+        for name, data in members:
+            header = tar_header(name, len(data))
+            pad = -len(data) % tarfile.BLOCKSIZE
+            parts += (header, data, _ZEROS[:pad])
+            starts.append(offset + len(header))
+            offset += len(header) + len(data) + pad
+        write_all(self._file.fileno(), parts)
+        self._offset = offset
+        return starts
 
     def add(self, key: str, image_path: str, ext: str, data: bytes, meta: dict[str, Any]) -> None:
         # Image first, then its json: members of a sample are adjacent (webdataset's grouping).
-        self._index.append((image_path, self._member(f"{key}.{ext}", data), len(data)))
-        self._member(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        meta_bytes = json.dumps(meta, sort_keys=True).encode()
+        start, _ = self._members([(f"{key}.{ext}", data), (f"{key}.json", meta_bytes)])
+        self._index.append((image_path, start, len(data)))
 
     def finish(self, records: list[dict[str, Any]], stats: dict[str, Any]) -> None:
-        self._file.write(bytes(2 * tarfile.BLOCKSIZE))  # end-of-archive, then pad to a record, as tarfile
-        self._offset += 2 * tarfile.BLOCKSIZE
-        self._file.write(bytes(-self._offset % tarfile.RECORDSIZE))
+        end = 2 * tarfile.BLOCKSIZE  # end-of-archive, then pad to a record, as tarfile does
+        end += -(self._offset + end) % tarfile.RECORDSIZE
+        write_all(self._file.fileno(), [bytes(end)])
+        self._offset += end
         self._file.close()
         if self.durable:
             fsync_path(self.tmp)
