@@ -52,7 +52,7 @@ class FetchOptions:
     retry_failed: bool = False
     part: tuple[int, int] = (0, 1)  # (i, n): the i-th (0-based) of n equal parts
     row_deadline_s: float | None = None  # network part of a row; None: derived from the net deadlines
-    process_deadline_s: float = 120.0  # decode + resize + encode of one image, queue included
+    process_deadline_s: float = 120.0  # decode + resize + encode of one image; past it, its worker is killed
     stall_s: float = 300.0  # a run where no row finishes for this long has its stuck rows ended
     durable: bool = True  # fsync a shard's files before its done-marker (survives power loss)
     processor: str = PROCESSOR  # "module:function" with process_image's signature, run in the workers
