@@ -1,10 +1,14 @@
-"""Fill of packed sequences: ours (best-fit decreasing) beside the original's padded batches and the
-greedy knapsack of LLaMA-Factory, at capacities 2048, 4096 (and 8192, to show where fill saturates).
+"""Fill of packed sequences: ours (`pack_lengths`: LP-priced bin completion, what `pack` uses) beside
+plain best-fit decreasing (`best_fit_decreasing`, our previous packer), the original's padded batches
+and the greedy knapsack of LLaMA-Factory, at capacities 2048, 4096 (and 8192, to show where fill
+saturates).
 
     pip install -c constraints.txt -e '.[bench]'   # scipy, for the LP bound
     python benchmarks/pack_fill.py [--n 100000] [--llava 665000]
 
 fill = real tokens / tokens paid for (packs x capacity; or batches x 8 x longest for padded batches).
+`ours s`, `BFD s`, `LP s`: CPU seconds of our packer, of BFD and of the LP bound on the row (one core;
+CPU time, so that other load on the machine does not count); `row s`: wall seconds of the whole row.
 Two upper bounds on the fill of any packing of these samples, each the fill at a lower bound on the
 number of packs (neither is weaker than the other on every row, so both are shown):
   `bound`     Martello-Toth L2 and Fekete-Schepers dual feasible functions, on the true lengths;
@@ -26,7 +30,7 @@ import numpy as np
 from lp_bound import configuration_lp_bound
 from pack_corpus import VISUAL_TOKENS, llava665k_lengths, qwen_path, stage3_conversations
 
-from ovis_data.packing import best_fit_decreasing
+from ovis_data.packing import best_fit_decreasing, pack_lengths
 from ovis_data.templates import detect_chat_format
 from ovis_data.tokenize import SampleEncoder, load_tokenizer
 
@@ -123,29 +127,35 @@ def report(
 ) -> None:
     print(f"\n{name}: {len(lengths):,} samples, median true length {int(np.median(lengths))}")
     print(
-        f"{'capacity':>8} {'kept':>8} {'ours':>7} {'LP bound':>9} {'bound':>7} {'padded8':>8} "
-        f"{'knapsack':>9} {'ours/padded':>12} {'ours/knap':>10} {'ours s':>7} {'LP s':>6}"
+        f"{'capacity':>8} {'kept':>8} {'ours':>7} {'BFD':>7} {'LP bound':>9} {'bound':>7} {'padded8':>8} "
+        f"{'knapsack':>9} {'ours/padded':>12} {'ours/knap':>10} {'ours s':>7} {'BFD s':>6} {'LP s':>6} "
+        f"{'row s':>6}"
     )
     has = images > 0
     tokens_per_image = (lengths[has] / images[has]).min() if has.any() else np.inf
     for cap in (2048, 4096, 8192):
+        row = time.perf_counter()
         keep = lengths <= cap
         ln, im = lengths[keep], images[keep]
-        t = time.perf_counter()
         if cap // tokens_per_image > max_images:
             raise SystemExit(f"max_images={max_images} may bind at capacity {cap}: the LP bound ignores it")
-        ours = best_fit_decreasing(ln, cap, images=im, max_images=max_images, seed=0).fill
-        dt = time.perf_counter() - t
+        t = time.process_time()
+        ours = pack_lengths(ln, cap, images=im, max_images=max_images, seed=0).fill
+        dt = time.process_time() - t
+        t = time.process_time()
+        bfd = best_fit_decreasing(ln, cap, images=im, max_images=max_images, seed=0).fill
+        bfd_dt = time.process_time() - t
         padded = padded_batches_fill(ln)
         knap = knapsack_fill(ln, cap)
         bound = bound_fill(ln, cap)
-        t = time.perf_counter()
+        t = time.process_time()
         lp, converged = lp_bound_fill(ln, cap, lp_time)
-        lp_dt = time.perf_counter() - t
+        lp_dt = time.process_time() - t
         print(
-            f"{cap:>8} {keep.mean():>8.2%} {ours:>7.2%} {lp:>8.2%}{' ' if converged else '*'} {bound:>7.2%} "
-            f"{padded:>8.2%} {knap:>9.2%} {ours / padded:>11.2f}x {ours / knap:>9.3f}x {dt:>7.2f} "
-            f"{lp_dt:>6.1f}"
+            f"{cap:>8} {keep.mean():>8.2%} {ours:>7.2%} {bfd:>7.2%} {lp:>8.2%}{' ' if converged else '*'} "
+            f"{bound:>7.2%} {padded:>8.2%} {knap:>9.2%} {ours / padded:>11.2f}x {ours / knap:>9.3f}x "
+            f"{dt:>7.2f} {bfd_dt:>6.2f} {lp_dt:>6.1f} {time.perf_counter() - row:>6.1f}",
+            flush=True,
         )
 
 

@@ -1,10 +1,10 @@
-"""`ovis-data pack`: a stage's catalogs -> templates and tokens -> best-fit packs -> shards + manifest.
+"""`ovis-data pack`: a stage's catalogs -> templates and tokens -> packs -> shards + manifest.
 
 Three phases, each resumable and each a pure function of its inputs (so any number of processes gives
 the same bytes):
 1. tokenize: one unit per (dataset, catalog row group), written to OUT/stageN/.work/tok/ as an Arrow
    file of per-sample tokens, supervised mask and provenance;
-2. plan (one process, arrays only): drop by reason, apply mixture weights, best-fit-decreasing packing;
+2. plan (one process, arrays only): drop by reason, apply mixture weights, packing (`packing.pack_lengths`);
 3. write: one unit per shard of `packs_per_shard` packs; images read through the image store, resized,
    stored as JPEG. A shard is renamed into place when complete; the manifest is written last.
 """
@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 from .catalog import catalog_path
 from .errors import OvisDataError
 from .imagestore import ImageStore
-from .packing import DEFAULT_BUFFER, best_fit_decreasing
+from .packing import DEFAULT_BUFFER, pack_lengths
 from .recipes import StageRecipe, load_recipe
 from .registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
 from .shards import Record, ShardWriter, resize_for_vit
@@ -490,7 +490,7 @@ def pack_stage(
             "dropped": dropped,
         }
     items_arr = np.concatenate(items) if items else np.zeros(0, dtype=np.int64)
-    packing = best_fit_decreasing(
+    packing = pack_lengths(
         true_len[items_arr],
         cfg.capacity,
         images=n_img[items_arr],
