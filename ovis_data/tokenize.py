@@ -9,7 +9,7 @@ repeated short pieces (system turns, role headers, stock questions) tokenized on
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -132,8 +132,10 @@ class SampleEncoder:
         self.chat_format = chat_format
         self._backend = backend
         self._encode_batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-        # Same ids, ~4x faster per core, where that is established for this tokenizer (fastbpe.py).
-        self._twin = tiktoken_twin(backend) if use_twin else None
+        # Same ids, ~4x faster per core, where that is established for this tokenizer (fastbpe.py). Built
+        # on first use (~0.9 s): caption-only encoders and chat prompts never need it.
+        self._use_twin = use_twin
+        self._twin: Callable[[str], list[int]] | None = None
         self._memo: dict[str, list[int]] = {}
         self._header_len: dict[str, int] = {}
 
@@ -156,14 +158,12 @@ class SampleEncoder:
         return self.encode_turns(rendered)
 
     # -- tokenization -------------------------------------------------------------------------------
-    @property
-    def engine(self) -> str:
-        """Which implementation turns text into ids (the same ids either way)."""
-        return "tiktoken" if self._twin is not None else "tokenizers"
-
     def _tokenize(self, texts: list[str], twin: bool = True) -> list[list[int]]:
         if not texts:
             return []
+        if twin and self._use_twin and self._twin is None:
+            self._twin = tiktoken_twin(self._backend)
+            self._use_twin = self._twin is not None
         if twin and self._twin is not None:
             return list(map(self._twin, texts))
         return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]

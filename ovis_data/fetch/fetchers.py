@@ -21,7 +21,6 @@ import contextlib
 import importlib
 import math
 import multiprocessing
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -76,7 +75,6 @@ async def _serve_loop(
     closed = loop.create_future()
     jobs: list[tuple[int, str, str | None, float]] = []
     reader = FrameReader(rfd, jobs.extend)  # a frame carries a list of (token, url, sha256, deadline_s)
-    os.set_blocking(rfd, False)
     # Never blocks: while the main process is not scheduled, this worker goes on decoding. Results go
     # out every RESULTS_EVERY_S: each wakeup of the main process preempts a decoding worker (measured on
     # 2 cores: 80-81% of the CPU ceiling with a write per result, 84-85% with this).
@@ -146,7 +144,6 @@ class _Worker:
         task_r.close()
         result_w.close()
         self.wfd, self.rfd = self.task_w.fileno(), self.result_r.fileno()
-        os.set_blocking(self.rfd, False)
         self.jobs: dict[int, _Job] = {}  # sent, no result yet
         self.outbox: list[tuple[int, str, str | None, float]] = []  # to send at the end of this tick
         self.reader: FrameReader | None = None
@@ -158,7 +155,7 @@ class _Worker:
 
 
 class Fetchers:
-    """`await fetchers.fetch(url, sha256)` -> Fetched, downloaded and processed in a worker process.
+    """`await fetchers.fetch(url, sha256, deadline_s)` -> Fetched, downloaded and processed in a worker.
     Jobs go to the worker with the fewest in flight; at most `concurrency` in flight over all."""
 
     def __init__(

@@ -63,10 +63,11 @@ def frame_decoder(deliver: Callable[[Any], None]) -> Generator[int, bytes, None]
 
 
 class FrameReader:
-    """Feeds a non-blocking pipe's bytes to a frame decoder: call `read()` when the pipe is readable;
+    """Feeds a pipe's bytes (made non-blocking) to a frame decoder: call `read()` when it is readable;
     it returns False at EOF (the other end closed or died)."""
 
     def __init__(self, fd: int, deliver: Callable[[Any], None]) -> None:
+        os.set_blocking(fd, False)
         self.fd = fd
         self._decoder = frame_decoder(deliver)
         self._need = next(self._decoder)
