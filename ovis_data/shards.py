@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,29 +135,71 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+class ShardError(Exception):
+    """A packed shard that cannot be read as its manifest describes: names the shard and the record."""
+
+    def __init__(self, shard: Path | str, record: int | None, reason: str):
+        self.shard, self.record, self.reason = str(shard), record, reason
+        where = f"{self.shard}: record {record}" if record is not None else self.shard
+        super().__init__(f"{where}: {reason}")
+
+
+def _fill(rec: Record, ext: str, data: bytes) -> None:
+    if ext.endswith(".npy"):
+        setattr(rec, ext[: -len(".npy")], np.load(io.BytesIO(data), allow_pickle=False))
+    elif ext.startswith("img_"):
+        rec.images.append(data)
+    elif ext == "json":
+        rec.meta = json.loads(data)
+
+
+def iter_records(
+    path: Path | str, wanted: Container[int] | None = None, stop_after: int | None = None
+) -> Iterator[tuple[int, Record]]:
+    """(index, record) of a shard's records in order; only the `wanted` indices are read (the others'
+    members are skipped by seeking past them), and reading stops after record `stop_after`.
+
+    Any damage (truncated or corrupt tar, unreadable array or JSON) raises ShardError naming the shard
+    and the record it hit.
+    """
+    empty = np.zeros(0, dtype=np.int32)
+    index, key, current = -1, None, None
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                base = m.name.rsplit("/", 1)[-1]
+                k, _, ext = base.partition(".")
+                if k != key:
+                    if current is not None:
+                        yield index, current
+                        current = None
+                    index, key = index + 1, k
+                    if stop_after is not None and index > stop_after:
+                        return
+                    if wanted is None or index in wanted:
+                        current = Record(k, empty, empty, empty)
+                if current is not None:
+                    member = tf.extractfile(m)
+                    data = member.read() if member is not None else b""
+                    if len(data) != m.size:
+                        raise ShardError(
+                            path, index, f"member {m.name} truncated ({len(data)} of {m.size} bytes)"
+                        )
+                    _fill(current, ext, data)
+            if current is not None:
+                yield index, current
+    except ShardError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # ValueError: np.load / json
+        raise ShardError(path, max(index, 0), f"{type(e).__name__}: {e}") from e
+
+
 def read_records(path: Path) -> Iterator[Record]:
     """The records of a shard, in order (plain tarfile: no webdataset needed)."""
-    with tarfile.open(path) as tf:
-        current: Record | None = None
-        for m in tf:
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            data = tf.extractfile(m).read()
-            if current is None or current.key != key:
-                if current is not None:
-                    yield current
-                empty = np.zeros(0, dtype=np.int32)
-                current = Record(key, empty, empty, empty)
-            if ext.endswith(".npy"):
-                setattr(current, ext[: -len(".npy")], np.load(io.BytesIO(data), allow_pickle=False))
-            elif ext.startswith("img_"):
-                current.images.append(data)
-            elif ext == "json":
-                current.meta = json.loads(data)
-        if current is not None:
-            yield current
+    for _, rec in iter_records(path):
+        yield rec
 
 
 def supervised_mask(labels: np.ndarray) -> np.ndarray:

@@ -1,0 +1,378 @@
+"""Training data loader: one stage's packed shards -> model-ready micro-batches, per rank and worker.
+
+`PackedStage` is a `torch.utils.data.IterableDataset` over `OUT/stageN/` (shards + manifest.json): it
+follows the epoch plan of `ovis_model.train.plan` (seeded shard order, equal spans per rank, a windowed
+shuffle, micro-batches by a token budget, the same number of micro-batches on every rank). Each
+DataLoader worker yields the micro-batches t = start + w, start + w + W, ... of its rank, so that the
+DataLoader's round-robin hands them out in plan order. A worker reads the tars sequentially through
+`ovis_data.shards.iter_records`, seeking past records it does not need, decodes and preprocesses images
+(the model's image processor) and collates with `collate_packed`.
+
+`TrainLoader` wraps the DataLoader: it runs epoch after epoch, counts what it hands out, and its
+`state_dict()` (epoch and micro-batches consumed, plus what the plan depends on) resumes exactly: a
+resumed run sees the micro-batches an uninterrupted one would have seen next.
+
+Tars are read with plain `tarfile` (ovis_data.shards) rather than the webdataset library: the plan
+needs random skips inside a shard and exact record indices for error messages and resume, which
+webdataset's streaming pipeline does not expose.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ovis_data.shards import Record, ShardError, iter_records
+
+from ..batching import collate_packed
+from ..constants import IGNORE_INDEX
+from ..preprocess import OvisImageProcessor
+from .plan import DEFAULT_WINDOW, RankPlan, ShardTable, epoch_plan
+
+MANIFEST = "manifest.json"
+STATE_VERSION = 1
+
+
+def read_manifest(data_dir: str | os.PathLike) -> tuple[dict, Path]:
+    """The stage's manifest (and its path); a clear error when the folder or manifest is missing."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST
+    if not data_dir.is_dir():
+        raise FileNotFoundError(
+            f"{data_dir}: no such data directory (expected OUT/stageN from ovis-data pack)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest (is {data_dir} a stage packed by ovis-data pack?)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), path
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed's, else the launcher's RANK / WORLD_SIZE, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def empty_micro_batch(pad_token_id: int) -> dict:
+    """One padding token, nothing supervised, no image: what a rank computes when bad shards took all
+    the records of one of its micro-batches (it must still join the step's collectives)."""
+    return {
+        "input_ids": np.asarray([pad_token_id], np.int32),
+        "labels": np.asarray([IGNORE_INDEX], np.int32),
+        "lengths": np.asarray([1], np.int32),
+        "images": [],
+    }
+
+
+class PackedStage(IterableDataset):
+    """Micro-batches of one rank over a packed stage, split among DataLoader workers (see module doc)."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        micro_batch_tokens: int,
+        image_processor: OvisImageProcessor,
+        num_visual_tokens: int,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        window: int = DEFAULT_WINDOW,
+        layout: str = "concat",
+        pad_token_id: int = 0,
+        pad_to_multiple_of: int | None = None,
+        skip_bad_shards: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.manifest, self.manifest_path = read_manifest(self.data_dir)
+        self.table = ShardTable.from_manifest(self.manifest, str(self.manifest_path))
+        if self.table.n_records == 0:
+            raise ValueError(f"{self.manifest_path}: the stage has no packed records")
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.micro_batch_tokens = int(micro_batch_tokens)
+        self.image_processor = image_processor
+        self.num_visual_tokens = int(num_visual_tokens)
+        self.seed, self.window, self.layout = int(seed), int(window), layout
+        self.pad_token_id, self.pad_to_multiple_of = int(pad_token_id), pad_to_multiple_of
+        self.skip_bad_shards = skip_bad_shards
+        self.epoch, self.start = 0, 0  # where the next iteration begins (set by TrainLoader)
+        self._plans: dict[int, RankPlan] = {}
+        self.plan(0)  # a budget below the capacity fails here, before any worker starts
+
+    def plan(self, epoch: int) -> RankPlan:
+        if epoch not in self._plans:
+            self._plans = {
+                epoch: epoch_plan(
+                    self.table,
+                    seed=self.seed,
+                    epoch=epoch,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                    micro_batch_tokens=self.micro_batch_tokens,
+                    window=self.window,
+                )
+            }
+        return self._plans[epoch]
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    # -- worker side ---------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan(self.epoch)
+        mine = list(range(self.start + worker, plan.n_batches, n_workers))
+        if not mine:
+            return
+        records = self._read_needed(plan, mine)
+        for t in mine:
+            parts: list[dict] = []
+            bad: list[dict] = []
+            lost = 0
+            for rid in plan.batch(t).tolist():
+                got, rec, events = next(records)
+                if got != rid:  # reading follows the plan; anything else is a bug, never silent
+                    raise RuntimeError(f"loader read record {got} where the plan has {rid}")
+                bad.extend(events)
+                if rec is None:
+                    lost += 1
+                else:
+                    parts.append(rec)
+            yield self._collate(plan, t, parts, bad, lost)
+
+    def _read_needed(self, plan: RankPlan, mine: list[int]) -> Iterator[tuple[int, dict | None, list[dict]]]:
+        """(record id, decoded record or None if lost, bad events) for every record of `mine`, in the
+        order the micro-batches use them. Tars are read sequentially; records are held until used."""
+        wanted_ids = np.concatenate([plan.batch(t) for t in mine])
+        pos = np.concatenate([plan.span_pos[plan.batch_offsets[t] : plan.batch_offsets[t + 1]] for t in mine])
+        by_pos = wanted_ids[np.argsort(pos, kind="stable")]
+        reader = self._read_in_span_order(by_pos)
+        held: dict[int, tuple[dict | None, list[dict]]] = {}
+        for rid in wanted_ids.tolist():
+            while rid not in held:
+                got_id, rec, events = next(reader)
+                held[got_id] = (rec, events)
+            rec, events = held.pop(rid)
+            yield rid, rec, events
+
+    def _read_in_span_order(self, ids: np.ndarray) -> Iterator[tuple[int, dict | None, list[dict]]]:
+        shard_of = np.searchsorted(self.table.starts, ids, "right") - 1
+        i = 0
+        while i < len(ids):
+            s = int(shard_of[i])
+            j = i
+            while j < len(ids) and shard_of[j] == s:
+                j += 1
+            base = int(self.table.starts[s])
+            locals_ = [int(x) - base for x in ids[i:j].tolist()]
+            yield from self._read_shard(s, base, locals_)
+            i = j
+
+    def _read_shard(self, s: int, base: int, locals_: list[int]) -> Iterator[tuple[int, dict | None, list]]:
+        name = self.table.names[s]
+        path = self.data_dir / name
+        wanted = set(locals_)
+        found: set[int] = set()
+        try:
+            if not path.is_file():
+                raise ShardError(path, None, "shard listed in the manifest is missing")
+            for index, rec in iter_records(path, wanted, stop_after=max(locals_)):
+                found.add(index)
+                yield base + index, self._decode(path, index, rec), []
+            if len(found) < len(wanted):
+                raise ShardError(
+                    path,
+                    min(wanted - found),
+                    f"shard ends before this record (manifest: {int(self.table.counts[s])} records)",
+                )
+        except ShardError as e:
+            if not self.skip_bad_shards:
+                raise
+            event = {"shard": name, "record": e.record, "reason": e.reason}
+            lost = sorted(wanted - found)
+            for k, index in enumerate(lost):
+                yield base + index, None, [event] if k == 0 else []
+
+    def _decode(self, path: Path, index: int, rec: Record) -> dict:
+        n_images = int(np.count_nonzero(rec.input_ids == -200))
+        if n_images != len(rec.images):
+            raise ShardError(path, index, f"{n_images} image placeholders but {len(rec.images)} images")
+        images = []
+        for k, data in enumerate(rec.images):
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    images.append(img.convert("RGB"))
+            except Exception as e:  # PIL raises many types for damaged JPEGs
+                raise ShardError(path, index, f"image img_{k:03d} cannot be decoded: {e}") from e
+        return {
+            "shard": path.name,
+            "key": rec.key,
+            "input_ids": rec.input_ids,
+            "labels": rec.labels,
+            "lengths": rec.lengths,
+            "images": images,
+        }
+
+    def _collate(self, plan: RankPlan, t: int, parts: list[dict], bad: list[dict], lost: int) -> dict:
+        inputs = collate_packed(
+            parts or [empty_micro_batch(self.pad_token_id)],
+            self.image_processor,
+            self.num_visual_tokens,
+            layout=self.layout,
+            pad_token_id=self.pad_token_id,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
+        n_supervised = inputs.pop("n_supervised")
+        n_images = sum(len(r["images"]) for r in parts)
+        return {
+            "inputs": inputs,
+            "n_supervised": n_supervised,
+            "meta": {
+                "epoch": plan.epoch,
+                "step": t,
+                "keys": [f"{r['shard']}/{r['key']}" for r in parts],
+                "records": len(parts),
+                "samples": sum(len(r["lengths"]) for r in parts),
+                "images": n_images,
+                # tokens the model sees (images expanded) against tokens computed (with padding)
+                "tokens": sum(len(r["input_ids"]) for r in parts) + (self.num_visual_tokens - 1) * n_images,
+                "computed": int(inputs["input_ids"].numel()),
+                "lost": lost,
+                "bad": bad,
+            },
+        }
+
+
+class TrainLoader:
+    """Epoch after epoch of a rank's micro-batches, with an exact, resumable position.
+
+    Iterate it for micro-batches (dicts with `inputs` for the model, `n_supervised`, `meta`); it never
+    ends (the next epoch follows); `micro_batches_per_epoch` says how many an epoch has on every rank.
+    """
+
+    def __init__(
+        self,
+        dataset: PackedStage,
+        *,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
+        multiprocessing_context: str | None = "forkserver",
+    ) -> None:
+        self.dataset = dataset
+        self.num_workers = int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.mp_context = multiprocessing_context if self.num_workers > 0 else None
+        self.epoch, self.consumed = 0, 0
+        self.bad: dict[str, dict] = {}  # shard -> first event, over the run
+        self.lost_records = 0
+        self.empty_micro_batches = 0
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return self.dataset.plan(self.epoch).n_batches
+
+    def epoch_summary(self, epoch: int | None = None) -> dict:
+        summary = dict(self.dataset.plan(self.epoch if epoch is None else epoch).summary)
+        summary.update(
+            bad_shards=sorted(self.bad),
+            lost_records=self.lost_records,
+            empty_micro_batches=self.empty_micro_batches,
+        )
+        return summary
+
+    def _dataloader(self) -> DataLoader:
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            context = mp.get_context(self.mp_context)
+            if self.mp_context == "forkserver":
+                # workers fork from a server that imported torch and this module once, not per worker
+                context.set_forkserver_preload([__name__])
+            kwargs.update(prefetch_factor=self.prefetch_factor, multiprocessing_context=context)
+        return DataLoader(
+            self.dataset,
+            batch_size=None,  # the dataset yields whole micro-batches
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            n = self.dataset.plan(self.epoch).n_batches
+            if self.consumed < n:
+                self.dataset.set_position(self.epoch, self.consumed)
+                for batch in self._dataloader():
+                    meta = batch["meta"]
+                    if (meta["epoch"], meta["step"]) != (self.epoch, self.consumed):
+                        raise RuntimeError(
+                            f"loader out of order: got epoch {meta['epoch']} micro-batch {meta['step']}, "
+                            f"expected {self.epoch}/{self.consumed}"
+                        )
+                    for event in meta["bad"]:
+                        self.bad.setdefault(event["shard"], event)
+                    self.lost_records += meta["lost"]
+                    self.empty_micro_batches += int(meta["records"] == 0)
+                    self.consumed += 1
+                    yield batch
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        d = self.dataset
+        return {
+            "seed": d.seed,
+            "world_size": d.world_size,
+            "micro_batch_tokens": d.micro_batch_tokens,
+            "window": d.window,
+            "manifest_inputs_sha256": d.manifest.get("inputs_sha256"),
+        }
+
+    def state_dict(self) -> dict:
+        """Small and the same on every rank (ranks advance in lockstep): epoch, micro-batches consumed, and
+        what the plan depends on (checked on load)."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "plan_digest": self.dataset.plan(self.epoch).digest() if self.dataset.rank == 0 else None,
+            "bad_shards": dict(self.bad),
+            "lost_records": self.lost_records,
+            "empty_micro_batches": self.empty_micro_batches,
+            **self._identity(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        mine = self._identity()
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"cannot resume the loader exactly: {key} was {state.get(key)!r} in the checkpoint, "
+                    f"{value!r} now"
+                )
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        digest = state.get("plan_digest")
+        if self.dataset.rank == 0 and digest not in (None, self.dataset.plan(self.epoch).digest()):
+            raise ValueError("cannot resume the loader exactly: the epoch plan differs from the checkpoint's")
+        self.bad = dict(state.get("bad_shards", {}))
+        self.lost_records = int(state.get("lost_records", 0))
+        self.empty_micro_batches = int(state.get("empty_micro_batches", 0))

@@ -1,0 +1,215 @@
+"""The training loader on real tar shards: rank x worker splits, equal counts, budgets, resume, bad shards."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ovis_data.shards import Record, ShardWriter
+from ovis_model.batching import count_targets, expand_image_placeholders
+from ovis_model.preprocess import OvisImageProcessor
+from ovis_model.tiny import random_packed_record
+from ovis_model.train.loader import PackedStage, TrainLoader
+
+VISUAL_TOKENS = 6
+CAPACITY = 96
+PROCESSOR = OvisImageProcessor(image_size=28)
+SHARD_RECORDS = (7, 5, 9, 4, 6, 8)
+
+
+def _jpeg(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_stage(out: Path, seed: int = 0) -> Path:
+    """A packed stage written with the pack stage's ShardWriter, and the manifest fields the loader reads."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    shards = []
+    for s, n in enumerate(SHARD_RECORDS):
+        writer = ShardWriter(out / f"stage3-{s:05d}.tar")
+        tokens, supervised = [], []
+        for p in range(n):
+            while True:  # records of 1-3 sub-samples that fit the capacity once images are expanded
+                specs = [
+                    (int(rng.integers(4, 20)), int(rng.integers(0, 3))) for _ in range(rng.integers(1, 4))
+                ]
+                if sum(t + k * VISUAL_TOKENS for t, k in specs) <= CAPACITY:
+                    break
+            rec = random_packed_record(rng, specs)
+            ids, labels, lengths = expand_image_placeholders(
+                rec["input_ids"], rec["labels"], rec["lengths"], VISUAL_TOKENS
+            )
+            tokens.append(len(ids))
+            supervised.append(count_targets(labels, lengths))
+            writer.write(
+                Record(
+                    key=f"{s:05d}_{p:05d}",
+                    input_ids=rec["input_ids"],
+                    labels=rec["labels"],
+                    lengths=rec["lengths"],
+                    images=[_jpeg(im) for im in rec["images"]],
+                    meta={"tokens": len(ids)},
+                )
+            )
+        writer.close()
+        shards.append(
+            {
+                "name": f"stage3-{s:05d}.tar",
+                "records": n,
+                "record_tokens": tokens,
+                "record_supervised": supervised,
+            }
+        )
+    manifest = {
+        "format": "ovis-packed-v1",
+        "stage": 3,
+        "capacity": CAPACITY,
+        "visual_tokens_per_image": VISUAL_TOKENS,
+        "image_size": 28,
+        "inputs_sha256": "test",
+        "shards": shards,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_stage(tmp_path_factory.mktemp("loader") / "stage3")
+
+
+def _loader(
+    data_dir: Path, rank: int, world: int = 2, workers: int = 2, budget: int = 200, **kw
+) -> TrainLoader:
+    ds = PackedStage(
+        data_dir,
+        micro_batch_tokens=budget,
+        image_processor=PROCESSOR,
+        num_visual_tokens=VISUAL_TOKENS,
+        seed=3,
+        rank=rank,
+        world_size=world,
+        window=8,
+        **kw,
+    )
+    return TrainLoader(ds, num_workers=workers)
+
+
+def _fingerprint(batch: dict) -> str:
+    h = hashlib.sha256()
+    inputs = batch["inputs"]
+    for key in ("input_ids", "labels", "position_ids"):
+        h.update(inputs[key].numpy().tobytes())
+    if inputs["pixel_values"] is not None:
+        h.update(inputs["pixel_values"].numpy().tobytes())
+    h.update(json.dumps(batch["meta"]["keys"]).encode())
+    return h.hexdigest()
+
+
+def test_ranks_and_workers_cover_the_epoch_disjointly_with_equal_counts(stage_dir: Path) -> None:
+    total = sum(SHARD_RECORDS)
+    seen: dict[int, list[str]] = {}
+    counts = {}
+    for rank in (0, 1):
+        loader = _loader(stage_dir, rank)
+        n = loader.micro_batches_per_epoch
+        batches = list(itertools.islice(loader, n))
+        assert [b["meta"]["step"] for b in batches] == list(range(n))
+        assert {b["meta"]["epoch"] for b in batches} == {0}
+        seen[rank] = [k for b in batches for k in b["meta"]["keys"]]
+        counts[rank] = n
+        summary = loader.epoch_summary(0)
+        assert summary["records"] == len(seen[rank])
+        for b in batches:
+            meta, inputs = b["meta"], b["inputs"]
+            assert 0 < meta["tokens"] <= 200  # the budget, images expanded
+            assert meta["computed"] == meta["tokens"]  # concatenated layout: no padding computed
+            assert inputs["input_ids"].shape == (1, meta["tokens"])
+            assert b["n_supervised"] == count_targets(inputs["labels"][0].numpy(), _lengths(inputs))
+            if meta["images"]:
+                assert inputs["pixel_values"].shape == (meta["images"], 3, 28, 28)
+        dropped = summary["dropped_records_rank_split"] + summary["dropped_records_equal_batches"]
+        assert len(seen[rank]) + summary["dropped_records_equal_batches"] == total // 2
+        assert dropped < 10
+    assert counts[0] == counts[1] > 3
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0])) == len(seen[0])
+    # the plan does not depend on the number of workers: one worker gives the same batches in order
+    solo = _loader(stage_dir, 0, workers=0)
+    two = _loader(stage_dir, 0, workers=2)
+    n = counts[0]
+    assert [_fingerprint(b) for b in itertools.islice(solo, n)] == [
+        _fingerprint(b) for b in itertools.islice(two, n)
+    ]
+
+
+def _lengths(inputs: dict) -> np.ndarray:
+    cu = inputs["cu_seqlens"].numpy()
+    return np.diff(cu)
+
+
+def test_exact_resume_mid_epoch_two_ranks_two_workers(stage_dir: Path) -> None:
+    for rank in (0, 1):
+        straight = _loader(stage_dir, rank)
+        n = straight.micro_batches_per_epoch
+        expected = [_fingerprint(b) for b in itertools.islice(straight, n + 3)]  # into the next epoch
+        first = _loader(stage_dir, rank)
+        head = [_fingerprint(b) for b in itertools.islice(first, 3)]  # stop after 3 (odd: worker 1 next)
+        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+        resumed = _loader(stage_dir, rank)
+        resumed.load_state_dict(state)
+        tail = [_fingerprint(b) for b in itertools.islice(resumed, n)]
+        assert head + tail == expected
+        # a different epoch order: epoch 1 is not epoch 0 again
+        assert expected[n:] != expected[:3]
+
+
+def test_resume_refuses_a_different_plan(stage_dir: Path) -> None:
+    state = _loader(stage_dir, 0).state_dict()
+    other = _loader(stage_dir, 0, world=4)
+    with pytest.raises(ValueError, match="world_size was 2 in the checkpoint, 4 now"):
+        other.load_state_dict(state)
+
+
+def test_budget_below_capacity_is_refused(stage_dir: Path) -> None:
+    with pytest.raises(ValueError, match="smaller than a packed record"):
+        _loader(stage_dir, 0, budget=20)
+
+
+def test_corrupt_shard_is_named_and_skipped_with_the_flag(stage_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "stage3"
+    shutil.copytree(stage_dir, broken)
+    victim = broken / "stage3-00002.tar"
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # truncated mid-shard
+    loader = _loader(broken, 0, world=1, workers=2)
+    n = loader.micro_batches_per_epoch
+    with pytest.raises(Exception, match=r"stage3-00002\.tar: record \d+"):
+        list(itertools.islice(loader, n))
+
+    total_lost = 0
+    for rank in (0, 1):
+        skipping = _loader(broken, rank, skip_bad_shards=True)
+        n = skipping.micro_batches_per_epoch
+        batches = list(itertools.islice(skipping, n))
+        assert len(batches) == n  # counts stay equal: the other rank never waits
+        keys = [k for b in batches for k in b["meta"]["keys"]]
+        lost = sum(b["meta"]["lost"] for b in batches)
+        summary = skipping.epoch_summary(0)
+        assert summary["lost_records"] == lost
+        assert len(keys) + lost == summary["records"]
+        assert summary["bad_shards"] == (["stage3-00002.tar"] if lost else [])
+        total_lost += lost
+    assert total_lost > 0
