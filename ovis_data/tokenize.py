@@ -9,6 +9,7 @@ repeated short pieces (system turns, role headers, stock questions) tokenized on
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
@@ -101,14 +102,56 @@ def bundled_qwen_tokenizer_dir() -> Path:
 
 
 def tokenizer_identity(path: str | Path) -> dict[str, str]:
-    """Name and sha256 of a tokenizer directory's files (sorted by name), so shards name their vocabulary."""
+    """Name, files hash and vocabulary hash of a tokenizer directory, so shards name their vocabulary.
+
+    `sha256` covers the files (sorted by name) byte for byte; `vocab_sha256` covers only what maps text to
+    ids (`vocabulary_sha256`), so it survives `save_pretrained`, which rewrites the files."""
     root = Path(path)
     files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [root]
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode() + b"\0")
         h.update(hashlib.sha256(p.read_bytes()).digest())
-    return {"name": root.name, "path": str(root), "sha256": h.hexdigest()}
+    files_sha = h.hexdigest()
+    tokenizer_json = root / "tokenizer.json" if root.is_dir() else root
+    vocab_sha = vocabulary_sha256(tokenizer_json) if tokenizer_json.name == "tokenizer.json" else None
+    return {"name": root.name, "path": str(root), "sha256": files_sha, "vocab_sha256": vocab_sha or files_sha}
+
+
+def vocabulary_sha256(tokenizer_json: str | Path) -> str | None:
+    """`_vocab_sha256` of a tokenizer.json file; None where there is no such file or it is not a
+    tokenizer's."""
+    try:
+        return _vocab_sha256(json.loads(Path(tokenizer_json).read_text(encoding="utf-8")))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def vocab_identity(tokenizer: Any) -> str:
+    """The `vocab_sha256` of a loaded tokenizer (a fast Hugging Face tokenizer or a `tokenizers.Tokenizer`)
+    or of a tokenizer directory: a tokenizer loaded from (or saved to) a folder gives the folder's."""
+    if isinstance(tokenizer, str | Path):
+        return tokenizer_identity(tokenizer)["vocab_sha256"]
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise OvisDataError(f"tokenizer {tokenizer_name(tokenizer)!r} is not a fast tokenizer")
+    return _vocab_sha256(json.loads(backend.to_str()))
+
+
+def _vocab_sha256(raw: dict) -> str:
+    """sha256 of a canonical JSON of a tokenizer.json's model type, vocabulary (by id), merges (as "a b"
+    strings, whether stored so or as [a, b] pairs) and added tokens as sorted (id, content, special)."""
+    model = raw["model"]
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: token -> id
+        vocab = sorted(([int(i), str(t)] for t, i in vocab.items()), key=lambda x: x[0])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    added = sorted(
+        (int(a["id"]), str(a["content"]), bool(a.get("special", False))) for a in raw.get("added_tokens", [])
+    )
+    canonical = {"type": model.get("type"), "vocab": vocab, "merges": merges, "added_tokens": added}
+    text = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class SampleEncoder:
