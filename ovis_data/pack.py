@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,24 @@ from .templates import IGNORE_ID, IMAGE_ID, ChatTemplateFormat, detect_chat_form
 from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity
 
 FORMAT = "ovis-packed-v1"
-DEFAULT_VISUAL_TOKENS = 578  # 576 patches + image begin/end tokens (OVIS_V1 section 4)
 PACKS_PER_SHARD = 1000
 TOKENIZE_BATCH = 4096
 WORK = ".work"
 MANIFEST = "manifest.json"
 Progress = Callable[[str, int, int], None]
+# Per shard in the manifest; the per-record lists let a loader plan micro-batches without opening tars.
+SHARD_KEYS = (
+    "name",
+    "records",
+    "samples",
+    "tokens",
+    "input_ids",
+    "images",
+    "bytes",
+    "sha256",
+    "record_tokens",  # per record, in order: expanded length (visual_tokens per image)
+    "record_supervised",  # per record: supervised targets (labels[1:n] != -100 within each sub-sample)
+)
 
 UNIT_SCHEMA = pa.schema(
     [
@@ -206,7 +219,7 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
     name = shard_name(cfg.stage, index)
     writer = ShardWriter(Path(cfg.out) / name)
     stats: dict[str, Any] = {"name": name, "records": 0, "samples": 0, "tokens": 0, "input_ids": 0}
-    stats.update(images=0, datasets=Counter(), dropped=Counter())
+    stats.update(images=0, datasets=Counter(), dropped=Counter(), record_tokens=[], record_supervised=[])
     try:
         pos = 0
         for p, size in enumerate(pack_sizes.tolist()):
@@ -237,11 +250,12 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
             input_ids = np.concatenate(ids_parts).astype(np.int32)
             labels = np.where(np.concatenate(sup_parts), input_ids, np.int32(IGNORE_ID)).astype(np.int32)
             tokens = len(input_ids) + (cfg.visual_tokens - 1) * len(jpgs)
+            lengths_arr = np.asarray(lengths, dtype=np.int32)
             record = Record(
                 key=f"{index:05d}_{p:05d}",
                 input_ids=input_ids,
                 labels=labels,
-                lengths=np.asarray(lengths, dtype=np.int32),
+                lengths=lengths_arr,
                 images=jpgs,
                 meta={"samples": prov, "tokens": tokens, "images": len(jpgs)},
             )
@@ -251,6 +265,8 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
             stats["tokens"] += tokens
             stats["input_ids"] += len(input_ids)
             stats["images"] += len(jpgs)
+            stats["record_tokens"].append(int(tokens))
+            stats["record_supervised"].append(supervised_targets(labels, lengths_arr))
         stats["datasets"] = dict(sorted(stats["datasets"].items()))
         stats["dropped"] = dict(sorted(stats["dropped"].items()))
         stats["sha256"], stats["bytes"] = writer.close()
@@ -260,6 +276,16 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
     # Written after the rename: a shard is done when its tar and its stats (with the sha256) are there.
     _atomic_json(Path(cfg.out) / WORK / "shards" / f"{index:05d}.json", stats)
     return stats
+
+
+def supervised_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
+    """Supervised next-token targets of a packed record: labels != -100 except at each sub-sample's first
+    position (no token before it in that sub-sample predicts it). Image placeholders carry -100 labels, and
+    the visual tokens they expand to are never supervised, so the count is the same expanded or not."""
+    mask = np.asarray(labels) != IGNORE_ID
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[np.asarray(lengths) > 0]
+    mask[starts] = False
+    return int(mask.sum())
 
 
 # -- orchestration ------------------------------------------------------------------------------------
@@ -370,7 +396,8 @@ def pack_stage(
     max_length: int | None = None,
     seed: int = 0,
     processes: int | None = None,
-    visual_tokens: int = DEFAULT_VISUAL_TOKENS,
+    visual_tokens: int | None = None,
+    image_size: int | None = None,
     packs_per_shard: int = PACKS_PER_SHARD,
     buffer_size: int = DEFAULT_BUFFER,
     overwrite: bool = False,
@@ -378,9 +405,13 @@ def pack_stage(
     progress: Progress | None = None,
 ) -> dict:
     """Pack one stage into OUT/stageN/ and return its manifest. Resumes a killed run with the same
-    inputs; refuses (unless overwrite) to mix with shards packed from other inputs."""
+    inputs; refuses (unless overwrite) to mix with shards packed from other inputs. `max_length`,
+    `visual_tokens` and `image_size` default (None) to the recipe's."""
     registry = registry or load_registry()
     recipe = load_recipe(int(stage) if str(stage).isdigit() else Path(stage), registry)
+    for flag, value in (("visual_tokens", visual_tokens), ("image_size", image_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value <= 0):
+            raise OvisDataError(f"{flag} must be a positive integer, got {value!r}")
     root_path = resolve_root(root)
     processes = max(1, processes or os.cpu_count() or 1)
     tok_path = Path(tokenizer)
@@ -396,8 +427,8 @@ def pack_stage(
         tokenizer_path=str(tok_path),
         chat_format=chat,
         capacity=int(max_length or recipe.max_length),
-        visual_tokens=int(visual_tokens),
-        image_size=recipe.image_size,
+        visual_tokens=int(visual_tokens if visual_tokens is not None else recipe.visual_tokens),
+        image_size=int(image_size if image_size is not None else recipe.image_size),
         max_images=recipe.max_images_per_pack,
         seed=int(seed),
         image_dirs={s.name: (str(s.image_path(root_path)) if s.image_dir else None) for s in specs},
@@ -442,7 +473,11 @@ def pack_stage(
             )
         shutil.rmtree(out_dir)
     elif previous == inputs_sha and manifest_path.exists():
-        return json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if _manifest_is_current(manifest):
+            return manifest
+        # Else written by an older version (same shards, fewer keys): shards are rewritten to the same
+        # bytes below, their stats gaining the keys.
     (out_dir / WORK / "tok").mkdir(parents=True, exist_ok=True)
     _atomic_json(params_path, {"inputs_sha256": inputs_sha, **inputs})
 
@@ -510,7 +545,7 @@ def pack_stage(
         stats_path = out_dir / WORK / "shards" / f"{s:05d}.json"
         if (out_dir / shard_name(cfg.stage, s)).exists() and stats_path.exists():
             st = json.loads(stats_path.read_text(encoding="utf-8"))
-            if "sha256" in st:
+            if all(k in st for k in SHARD_KEYS):  # else not finished, or stats of an older version
                 done_stats[s] = st
                 continue
         p0, p1 = s * cfg.packs_per_shard, min(packing.n_packs, (s + 1) * cfg.packs_per_shard)
@@ -523,6 +558,12 @@ def pack_stage(
     _atomic_json(manifest_path, manifest)
     shutil.rmtree(out_dir / WORK / "tok", ignore_errors=True)
     return manifest
+
+
+def _manifest_is_current(manifest: dict) -> bool:
+    return "vocab_sha256" in manifest.get("tokenizer", {}) and all(
+        all(k in st for k in SHARD_KEYS) for st in manifest.get("shards", [])
+    )
 
 
 def _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards) -> dict:
@@ -541,7 +582,12 @@ def _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, sh
         "format": FORMAT,
         "stage": cfg.stage,
         "recipe": str(recipe.path.name),
-        "tokenizer": {"name": identity["name"], "sha256": identity["sha256"], "path": cfg.tokenizer_path},
+        "tokenizer": {
+            "name": identity["name"],
+            "sha256": identity["sha256"],
+            "vocab_sha256": identity["vocab_sha256"],
+            "path": cfg.tokenizer_path,
+        },
         "template": {"chat": cfg.chat_format, "captions": caption_templates},
         "capacity": cfg.capacity,
         "visual_tokens_per_image": cfg.visual_tokens,
@@ -551,13 +597,7 @@ def _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, sh
         "ignore_id": IGNORE_ID,
         "seed": cfg.seed,
         "inputs_sha256": inputs_sha,
-        "shards": [
-            {
-                k: st[k]
-                for k in ("name", "records", "samples", "tokens", "input_ids", "images", "bytes", "sha256")
-            }
-            for st in shards
-        ],
+        "shards": [{k: st[k] for k in SHARD_KEYS} for st in shards],
         "datasets": datasets,
         "dropped": dict(sorted(dropped.items())),
         "records": records,

@@ -12,6 +12,8 @@ from .registry import DatasetSpec
 from .resources import resource_path
 
 TEMPLATES = ("auto", "qwen", "llama3", "gemma", "chat_template")
+DEFAULT_VISUAL_TOKENS = 578  # 576 patches + image begin/end of CLIP ViT-L/14-336 (OVIS_V1 section 4)
+DEFAULT_IMAGE_SIZE = 336
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,13 @@ class StageRecipe:
     datasets: tuple[DatasetMix, ...]
     template: str
     max_length: int
-    image_size: int
+    image_size: int  # longer side of the images stored in packed shards
     max_images_per_pack: int
     trainable: tuple[str, ...]
     deepspeed: str
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    visual_tokens: int = DEFAULT_VISUAL_TOKENS  # per image; must equal the model's num_visual_tokens
 
     def lr_for(self, family: str | None) -> float:
         """Learning rate, with a per-LLM-family override (stage 3 used 1e-5 for Llama 3)."""
@@ -46,6 +49,13 @@ class StageRecipe:
 
 def _fail(path: Path, reason: str) -> OvisDataError:
     return OvisDataError(f"{path}: {reason}")
+
+
+def _positive_int(path: Path, raw: dict, key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(path, f"{key} must be a positive integer, got {value!r}")
+    return value
 
 
 def recipe_path(stage: int) -> Path:
@@ -87,10 +97,11 @@ def load_recipe(stage_or_path: int | str | Path, registry: dict[str, DatasetSpec
         datasets=tuple(mixes),
         template=template,
         max_length=int(raw["max_length"]),
-        image_size=int(raw.get("image_size", 336)),
+        image_size=_positive_int(path, raw, "image_size", DEFAULT_IMAGE_SIZE),
         max_images_per_pack=int(raw.get("max_images_per_pack", 32)),
         trainable=tuple(raw["trainable"]),
         deepspeed=deepspeed,
         model=dict(raw.get("model", {})),
         train=dict(raw["train"]),
+        visual_tokens=_positive_int(path, raw, "visual_tokens", DEFAULT_VISUAL_TOKENS),
     )

@@ -22,8 +22,10 @@ from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenize
 from ovis_data.catalog import catalog_path
 from ovis_data.errors import OvisDataError
 from ovis_data.pack import pack_stage
+from ovis_data.recipes import load_recipe
 from ovis_data.registry import load_registry
 from ovis_data.shards import read_records
+from ovis_data.tokenize import tokenizer_identity
 from ovis_data.validate import validate_dataset
 
 STAGE3_TEXT_ONLY = "allava-evol-instruct-143k"
@@ -244,9 +246,15 @@ def test_cli_pack_and_inspect(qwen_stage3: Path, root: Path, tmp_path: Path):
         str(tmp_path),
         "--processes",
         "1",
+        "--visual-tokens",
+        "6",
+        "--image-size",
+        "28",
     )
     assert r.returncode == 0, r.stderr
     assert "fill" in r.stdout and (tmp_path / "stage2" / "manifest.json").exists()
+    manifest = json.loads((tmp_path / "stage2" / "manifest.json").read_text())
+    assert (manifest["visual_tokens_per_image"], manifest["image_size"]) == (6, 28)
     shard = sorted(qwen_stage3.glob("*.tar"))[0]
     r = _cli("inspect", str(shard), "--record", "1", "--json")
     assert r.returncode == 0, r.stderr
@@ -272,3 +280,91 @@ def test_cli_pack_and_inspect(qwen_stage3: Path, root: Path, tmp_path: Path):
         str(tmp_path),
     )
     assert r.returncode == 2 and "nope" in r.stderr
+
+
+def _set_recipe_keys(recipe: Path, **values) -> Path:
+    lines = recipe.read_text().splitlines()
+    for key, value in values.items():
+        lines = [line for line in lines if not line.startswith(f"{key} ")]
+        if value is not None:
+            lines.insert(1, f"{key} = {value}")
+    recipe.write_text("\n".join(lines) + "\n")
+    return recipe
+
+
+SMALL_MIX = {"llava-finetune-665k": 1.0, "scienceqa-train-val-17k": 1.0, STAGE3_TEXT_ONLY: 1.0}
+
+
+def test_visual_tokens_and_image_size_from_flags_and_recipe(root: Path, tmp_path: Path):
+    recipe = _set_recipe_keys(_recipe(tmp_path, 3, SMALL_MIX, 256), visual_tokens=7, image_size=32)
+    m = pack_stage(recipe, root, qwen_path(), tmp_path / "flags", visual_tokens=6, image_size=28, processes=1)
+    assert (m["visual_tokens_per_image"], m["image_size"]) == (6, 28)  # the flags win over the recipe
+    stage_dir = tmp_path / "flags" / "stage3"
+    n_images = 0
+    for entry in m["shards"]:
+        records = list(read_records(stage_dir / entry["name"]))
+        assert (
+            len(entry["record_tokens"]) == len(entry["record_supervised"]) == entry["records"] == len(records)
+        )
+        assert entry["record_tokens"] == [r.meta["tokens"] for r in records]
+        assert entry["record_tokens"] == [len(r.input_ids) + 5 * len(r.images) for r in records]
+        assert sum(entry["record_tokens"]) == entry["tokens"]
+        # Recounted sub-sample by sub-sample: a target is labels[t] for t >= 1 within one sub-sample.
+        recount = [sum(int((lab[1:] != -100).sum()) for _, lab in r.samples()) for r in records]
+        assert entry["record_supervised"] == recount and all(n > 0 for n in recount)
+        for r in records:
+            n_images += len(r.images)
+            for jpg in r.images:
+                with Image.open(io.BytesIO(jpg)) as im:
+                    assert max(im.size) == 28
+    assert n_images > 0 and max(t for e in m["shards"] for t in e["record_tokens"]) <= 256
+    assert (
+        sum(len(r.lengths) for e in m["shards"] for r in read_records(stage_dir / e["name"])) > m["records"]
+    )
+
+    m = pack_stage(recipe, root, qwen_path(), tmp_path / "recipe", processes=1)  # None: the recipe's values
+    assert (m["visual_tokens_per_image"], m["image_size"]) == (7, 32)
+    records = [r for e in m["shards"] for r in read_records(tmp_path / "recipe" / "stage3" / e["name"])]
+    assert [t for e in m["shards"] for t in e["record_tokens"]] == [
+        len(r.input_ids) + 6 * len(r.images) for r in records
+    ]
+    with pytest.raises(OvisDataError, match="visual_tokens must be a positive integer"):
+        pack_stage(recipe, root, qwen_path(), tmp_path / "bad", visual_tokens=0)
+
+
+def test_manifest_of_an_older_version_is_completed(root: Path, tmp_path: Path):
+    recipe = _set_recipe_keys(
+        _recipe(tmp_path, 3, {STAGE3_TEXT_ONLY: 1.0}, 512), visual_tokens=6, image_size=28
+    )
+    m = pack_stage(recipe, root, qwen_path(), tmp_path, processes=1, packs_per_shard=4)
+    stage_dir = tmp_path / "stage3"
+    hashes = _shard_hashes(stage_dir)
+    # As an older version left them: no per-record lists, no vocabulary hash.
+    old = json.loads(json.dumps(m))
+    del old["tokenizer"]["vocab_sha256"]
+    for entry in old["shards"]:
+        del entry["record_tokens"], entry["record_supervised"]
+    (stage_dir / "manifest.json").write_text(json.dumps(old))
+    for p in (stage_dir / ".work" / "shards").glob("*.json"):
+        st = json.loads(p.read_text())
+        del st["record_tokens"], st["record_supervised"]
+        p.write_text(json.dumps(st))
+    again = pack_stage(recipe, root, qwen_path(), tmp_path, processes=1, packs_per_shard=4)
+    assert again == m and _shard_hashes(stage_dir) == hashes
+
+
+def test_manifest_names_the_vocabulary(qwen_stage3: Path):
+    manifest = json.loads((qwen_stage3 / "manifest.json").read_text())
+    identity = tokenizer_identity(qwen_path())
+    assert manifest["tokenizer"]["vocab_sha256"] == identity["vocab_sha256"]
+    assert manifest["tokenizer"]["sha256"] == identity["sha256"]
+
+
+@pytest.mark.parametrize("key", ["visual_tokens", "image_size"])
+@pytest.mark.parametrize("value", ["0", "-578", '"578"', "578.0", "true"])
+def test_recipe_visual_tokens_and_image_size_must_be_positive_integers(tmp_path: Path, key: str, value: str):
+    recipe = _set_recipe_keys(_recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024), **{key: value})
+    with pytest.raises(OvisDataError, match=rf"stage1\.toml: {key} must be a positive integer"):
+        load_recipe(recipe, load_registry())
+    default = load_recipe(_set_recipe_keys(recipe, **{key: None}), load_registry())
+    assert (default.visual_tokens, default.image_size) == (578, 336)  # absent: CLIP ViT-L/14-336's

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..inspect import inspect_record, render_rich
-from ..pack import DEFAULT_VISUAL_TOKENS, PACKS_PER_SHARD, pack_stage
+from ..pack import PACKS_PER_SHARD, pack_stage
 from ..registry import load_registry
 from .app import app
 from .common import InfoOption, RootOption, console
@@ -29,8 +29,17 @@ def pack(
     seed: Annotated[int, typer.Option(help="Seed of the shuffle, packing and subsampling.")] = 0,
     processes: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")] = None,
     visual_tokens: Annotated[
-        int, typer.Option(help="Visual tokens per image in the model (578 for Ovis v1).")
-    ] = DEFAULT_VISUAL_TOKENS,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Visual tokens per image; must equal the model's num_visual_tokens "
+            "(default: the recipe's visual_tokens, 578 for Ovis v1).",
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Longer side of the stored images (default: the recipe's image_size)."),
+    ] = None,
     packs_per_shard: Annotated[int, typer.Option(help="Packed sequences per tar shard.")] = PACKS_PER_SHARD,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace shards packed earlier from other inputs.")
@@ -68,6 +77,7 @@ def pack(
             seed=seed,
             processes=processes,
             visual_tokens=visual_tokens,
+            image_size=image_size,
             packs_per_shard=packs_per_shard,
             overwrite=overwrite,
             registry=load_registry(dataset_info),
