@@ -40,7 +40,7 @@ from .recipes import StageRecipe, load_recipe
 from .registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
 from .shards import Record, ShardWriter, resize_for_vit
 from .templates import IGNORE_ID, IMAGE_ID, ChatTemplateFormat, detect_chat_format
-from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity
+from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity, vocab_identity
 
 FORMAT = "ovis-packed-v1"
 PACKS_PER_SHARD = 1000
@@ -444,7 +444,9 @@ def pack_stage(
         for m in recipe.datasets
         if registry[m.name].data_format == "caption"
     }
-    identity = tokenizer_identity(tok_path)
+    # the vocabulary as loaded, which is what tokenized: transformers may add tokens the files lack
+    # (a Qwen2 LLM folder's tokenizer gains <|endoftext|>), and the trainer compares the loaded one too
+    identity = {**tokenizer_identity(tok_path), "vocab_sha256": vocab_identity(tok)}
     inputs = {
         "format": FORMAT,
         "config": {

@@ -93,18 +93,26 @@ def tiny_ovis(
 
 
 def write_tiny_parts(
-    directory: str | os.PathLike, vit: str = "clip", image_size: int = 28, seed: int = 0
+    directory: str | os.PathLike,
+    vit: str = "clip",
+    image_size: int = 28,
+    seed: int = 0,
+    tokenizer_dir: str | os.PathLike | None = None,
 ) -> tuple[Path, Path]:
-    """A tiny LLM directory (Qwen2 shapes, the real Qwen2.5 tokenizer) and a tiny ViT directory.
+    """A tiny LLM directory (Qwen2 shapes, the real Qwen2.5 tokenizer unless `tokenizer_dir` names
+    another) and a tiny ViT directory.
 
     The LLM's vocabulary covers the tokenizer's; its embeddings are tied to keep the files small.
     """
     torch.manual_seed(seed)
     directory = Path(directory)
     llm_dir, vit_dir = directory / "llm", directory / "vit"
-    tokenizer = AutoTokenizer.from_pretrained(bundled_qwen_tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or bundled_qwen_tokenizer_dir())
     config = tiny_llm_config(vocab_size=len(tokenizer), hidden_size=32, tie_word_embeddings=True)
-    config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config.eos_token_id = (
+        im_end if im_end != tokenizer.unk_token_id and im_end is not None else tokenizer.eos_token_id
+    )
     llm = AutoModelForCausalLM.from_config(config)
     llm.save_pretrained(llm_dir)
     tokenizer.save_pretrained(llm_dir)

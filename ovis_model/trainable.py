@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .modeling import Ovis
+if TYPE_CHECKING:
+    from .modeling import Ovis
 
 log = logging.getLogger(__name__)
 

@@ -134,10 +134,19 @@ class PackedStage(IterableDataset):
 
     # -- worker side ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
+        """This worker's share of the endless stream of micro-batches from (epoch, start) on: positions
+        w, w + W, w + 2W, ... of the stream, epoch after epoch (one DataLoader serves the whole run)."""
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        plan = self.plan(self.epoch)
-        mine = list(range(self.start + worker, plan.n_batches, n_workers))
+        epoch, offset = self.epoch, self.start + worker  # offset: this worker's next micro-batch in `epoch`
+        while True:
+            plan = self.plan(epoch)
+            mine = range(offset, plan.n_batches, n_workers)
+            yield from self._epoch_batches(plan, mine)
+            offset = (mine[-1] + n_workers if mine else offset) - plan.n_batches
+            epoch += 1
+
+    def _epoch_batches(self, plan: RankPlan, mine: range) -> Iterator[dict]:
         if not mine:
             return
         records = self._read_needed(plan, mine)
@@ -156,7 +165,7 @@ class PackedStage(IterableDataset):
                     parts.append(rec)
             yield self._collate(plan, t, parts, bad, lost)
 
-    def _read_needed(self, plan: RankPlan, mine: list[int]) -> Iterator[tuple[int, dict | None, list[dict]]]:
+    def _read_needed(self, plan: RankPlan, mine: range) -> Iterator[tuple[int, dict | None, list[dict]]]:
         """(record id, decoded record or None if lost, bad events) for every record of `mine`, in the
         order the micro-batches use them. Tars are read sequentially; records are held until used."""
         wanted_ids = np.concatenate([plan.batch(t) for t in mine])
@@ -315,24 +324,24 @@ class TrainLoader:
         )
 
     def __iter__(self) -> Iterator[dict]:
-        while True:
-            n = self.dataset.plan(self.epoch).n_batches
-            if self.consumed < n:
-                self.dataset.set_position(self.epoch, self.consumed)
-                for batch in self._dataloader():
-                    meta = batch["meta"]
-                    if (meta["epoch"], meta["step"]) != (self.epoch, self.consumed):
-                        raise RuntimeError(
-                            f"loader out of order: got epoch {meta['epoch']} micro-batch {meta['step']}, "
-                            f"expected {self.epoch}/{self.consumed}"
-                        )
-                    for event in meta["bad"]:
-                        self.bad.setdefault(event["shard"], event)
-                    self.lost_records += meta["lost"]
-                    self.empty_micro_batches += int(meta["records"] == 0)
-                    self.consumed += 1
-                    yield batch
-            self.epoch, self.consumed = self.epoch + 1, 0
+        self.dataset.set_position(self.epoch, self.consumed)
+        n = self.dataset.plan(self.epoch).n_batches
+        for batch in self._dataloader():
+            meta = batch["meta"]
+            if (meta["epoch"], meta["step"]) != (self.epoch, self.consumed):
+                raise RuntimeError(
+                    f"loader out of order: got epoch {meta['epoch']} micro-batch {meta['step']}, "
+                    f"expected {self.epoch}/{self.consumed}"
+                )
+            for event in meta["bad"]:
+                self.bad.setdefault(event["shard"], event)
+            self.lost_records += meta["lost"]
+            self.empty_micro_batches += int(meta["records"] == 0)
+            self.consumed += 1
+            if self.consumed == n:  # the stream goes on with the next epoch
+                self.epoch, self.consumed = self.epoch + 1, 0
+                n = self.dataset.plan(self.epoch).n_batches
+            yield batch
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _identity(self) -> dict:

@@ -154,6 +154,10 @@ def epoch_plan(
         records, pos = _rank_order(table, order, seed, epoch, r, world_size, window)
         per_rank.append((records, pos, next_fit(table.tokens[records], micro_batch_tokens)))
     n = min(len(off) - 1 for _, _, off in per_rank)
+    if n == 0:
+        raise ValueError(
+            f"{table.n_records} packed records cannot give each of {world_size} ranks a micro-batch"
+        )
     records, pos, offsets = per_rank[rank]
     kept = int(offsets[n])
     dropped_tail = table.n_records - world_size * (table.n_records // world_size)

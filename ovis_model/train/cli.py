@@ -1,0 +1,99 @@
+"""`ovis-train`: argument parsing only; the work is `ovis_model.train.loop.train`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def train_command(
+    data: Annotated[
+        Path, typer.Option("--data", help="Packed data: OUT of `ovis-data pack` (or OUT/stageN).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: this stage writes RUN/stageN/.")],
+    stage: Annotated[
+        int | None, typer.Option("--stage", help="Train with the shipped recipe stageN.")
+    ] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Train with your own recipe file.")] = None,
+    llm: Annotated[
+        Path | None, typer.Option("--llm", help="Base LLM folder (stage 1).", metavar="DIR")
+    ] = None,
+    vit: Annotated[
+        Path | None, typer.Option("--vit", help="Base ViT folder (stage 1).", metavar="DIR")
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init", metavar="DIR", help="Start from this model folder (default: RUN/stage{N-1}/model)."
+        ),
+    ] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option("--max-steps", metavar="K", help="Stop after K steps (the schedule's length)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in RUN/stageN.")
+    ] = False,
+    micro_batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--micro-batch-tokens", metavar="T", help="Tokens per micro-batch (default: 4 x max length)."
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Override the recipe: train.lr=1e-5, model.KEY=..., ..."
+        ),
+    ] = None,
+    dataset_info: Annotated[
+        Path | None, typer.Option("--dataset-info", help="Your own dataset_info.json (for --recipe).")
+    ] = None,
+) -> None:
+    """Train one stage of Ovis on packed shards with DeepSpeed, as the stage's recipe says.
+
+    Stage 1 builds the model from a base LLM and ViT; stages 2 and 3 start from the previous stage's model
+    folder. Checkpoints go to RUN/stageN/checkpoints (every train.save_every steps and on SIGTERM), metrics
+    to RUN/stageN/metrics.jsonl and tensorboard/, the final model to RUN/stageN/model.
+
+    Example: ovis-train --stage 1 --data /data/packed --out /runs/ovis --llm /models/Qwen2.5-7B-Instruct
+    --vit /models/clip-vit-large-patch14-336
+
+    On 8 GPUs: torchrun --nproc_per_node 8 -m ovis_model.train --stage 3 --data /data/packed --out /runs/ovis
+    """
+    from .loop import train
+    from .setup import RunArgs, TrainError
+
+    args = RunArgs(
+        data=data,
+        out=out,
+        stage=stage,
+        recipe=recipe,
+        llm=llm,
+        vit=vit,
+        init=init,
+        max_steps=max_steps,
+        resume=resume,
+        micro_batch_tokens=micro_batch_tokens,
+        overrides=list(overrides or []),
+        dataset_info=dataset_info,
+    )
+    try:
+        train(args, say=lambda text: print(text, flush=True))
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

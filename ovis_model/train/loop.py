@@ -1,0 +1,135 @@
+"""`train()`: one loop for every stage (stages are data: the recipe says what trains and how).
+
+Reads top to bottom: set up (checked before any compute), resume if asked, then per optimizer step fetch
+its micro-batches, normalise by the step's global supervised-token count, forward/backward each through
+DeepSpeed, log, checkpoint every `save_every` steps and on SIGTERM; at the end, a model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from ..batching import batch_to
+from . import checkpoint
+from .loss import all_reduce_sum, global_supervised, loss_normalizer, next_step
+from .metrics import Metrics
+from .setup import (
+    RunArgs,
+    build_engine,
+    build_loader,
+    build_model,
+    init_distributed,
+    prepare,
+    step_plan,
+    trainable_rows,
+)
+
+
+def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
+    """Train one stage as `args` and its recipe say; returns the run's summary (also in RUN/stageN)."""
+    prep = prepare(args)  # recipe, data, starting model: checked, nothing loaded (TrainError: exit 2)
+    cfg, run_dir = prep.cfg, prep.run_dir
+    rank, world, device = init_distributed()
+    main = rank == 0
+    model = build_model(prep, args)
+    loader = build_loader(prep, model, rank, world)
+    plan = step_plan(prep, loader, world)
+    bf16 = bool(cfg.train["bf16"]) and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    engine, ds_config = build_engine(prep, model, plan, world, bf16)
+    ckpt_dir = run_dir / "checkpoints"
+    step = 0
+    if args.resume and checkpoint.latest(ckpt_dir) is not None:
+        state = checkpoint.load(engine, ckpt_dir)
+        loader.load_state_dict(state["loader"])
+        step = int(state["step"])
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        effective = {"config": json.loads(cfg.to_json()), "deepspeed": ds_config, "world_size": world}
+        effective["plan"] = plan.__dict__ | {"micro_batch_tokens": cfg.micro_batch_tokens, "bf16": bf16}
+        (run_dir / "config.json").write_text(json.dumps(effective, indent=1, sort_keys=True) + "\n")
+        say(
+            f"stage {cfg.stage} ({Path(cfg.recipe).name}) on {world} rank(s), {device.type}, "
+            f"{'bf16' if bf16 else 'fp32'}; data {prep.data_dir}"
+        )
+        for part, trained, total in trainable_rows(model):
+            say(
+                f"  {'train ' if trained == total else 'freeze' if not trained else 'part  '} {part}: "
+                f"{trained:,} of {total:,} parameters trained"
+            )
+        say("  " + plan.describe(cfg.train["global_batch_samples"], world))
+        if step:
+            say(f"  resumed from {ckpt_dir / checkpoint.latest(ckpt_dir)} at step {step}")
+    metrics = Metrics(run_dir, plan.steps, enabled=main, log_every=cfg.train["log_every"])
+    metrics.event("start", {"step": step, "steps": plan.steps, "world_size": world})
+
+    stop = {"requested": False}  # SIGTERM (preemption, scancel): checkpoint, then exit
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    dtype = torch.bfloat16 if bf16 else None
+    engine.train()
+    micro_batches = iter(loader)
+    epoch = loader.epoch
+    try:
+        while step < plan.steps:
+            t0 = time.perf_counter()
+            batches = next_step(micro_batches, plan.grad_accum)
+            global_count = global_supervised(batches, device)
+            norm = loss_normalizer(global_count, world, plan.grad_accum)
+            loss_sum = 0.0
+            for mb in batches:
+                out = engine(**batch_to(mb["inputs"], device, dtype), loss_normalizer=norm)
+                engine.backward(out.loss)
+                engine.step()  # DeepSpeed steps the optimizer on the last micro-batch of the step
+                loss_sum += out.loss_sum.detach().item()
+            step += 1
+            local = [loss_sum, *(sum(mb["meta"][k] for mb in batches) for k in ("tokens", "samples"))]
+            loss_total, tokens, samples = all_reduce_sum([*local], device)
+            grad_norm = engine.get_global_grad_norm()
+            metrics.step(
+                step,
+                {
+                    "loss": loss_total / max(global_count, 1),
+                    "lr": engine.get_lr()[0],
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "tokens": int(tokens),
+                    "samples": int(samples),
+                    "supervised": global_count,
+                    "step_time": time.perf_counter() - t0,
+                    "epoch": loader.epoch,
+                },
+            )
+            if loader.epoch != epoch:  # the step crossed into a new epoch
+                metrics.event("epoch_end", loader.epoch_summary(epoch))
+                epoch = loader.epoch
+            stopping = all_reduce_sum([float(stop["requested"])], device)[0] > 0  # every rank agrees
+            if stopping or step % cfg.train["save_every"] == 0 or step == plan.steps:
+                client = {"step": step, "loader": loader.state_dict()}
+                path = checkpoint.save(engine, ckpt_dir, step, client, cfg.train["keep_checkpoints"])
+                metrics.event("checkpoint", {"step": step, "path": str(path)})
+            if stopping:
+                if main:
+                    say(f"stopped by SIGTERM at step {step}; resume with --resume (checkpoint {path})")
+                metrics.event("stopped", {"step": step})
+                return {"stage": cfg.stage, "step": step, "stopped": True, "run_dir": str(run_dir)}
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        metrics.close()
+
+    model_dir = run_dir / "model"
+    checkpoint.export_model(engine, model_dir, int(ds_config["zero_optimization"].get("stage", 0)))
+    summary = {
+        "stage": cfg.stage,
+        "step": step,
+        "stopped": False,
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir),
+        "epoch": loader.epoch_summary(epoch),
+    }
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        say(f"stage {cfg.stage} done: {step} steps; model in {model_dir}")
+    return summary

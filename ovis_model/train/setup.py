@@ -1,0 +1,234 @@
+"""Everything the loop needs, checked before any compute: recipe, data, model, loader, DeepSpeed engine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ovis_data.errors import OvisDataError
+from ovis_data.recipes import load_recipe
+from ovis_data.registry import load_registry
+
+from ..trainable import select_trainable
+from .config import ConfigError, StepPlan, TrainConfig, deepspeed_config, plan_steps
+from .contract import ContractError, check_manifest
+from .loader import PackedStage, TrainLoader, read_manifest
+
+if TYPE_CHECKING:
+    from ..modeling import Ovis
+
+log = logging.getLogger("ovis_train")
+
+
+class TrainError(ValueError):
+    """Bad input found before training starts: one line naming the thing, exit status 2."""
+
+
+@dataclass
+class RunArgs:
+    """What `ovis-train` was asked (see its --help)."""
+
+    data: Path
+    out: Path
+    stage: int | None = None
+    recipe: Path | None = None
+    llm: Path | None = None
+    vit: Path | None = None
+    init: Path | None = None
+    max_steps: int | None = None
+    resume: bool = False
+    micro_batch_tokens: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    dataset_info: Path | None = None
+
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig
+    run_dir: Path
+    data_dir: Path
+    manifest: dict
+    manifest_path: Path
+    init_dir: Path | None
+
+
+def prepare(args: RunArgs) -> Prepared:
+    """Recipe, overrides, data folder and starting model located and checked; nothing loaded yet."""
+    if (args.stage is None) == (args.recipe is None):
+        raise TrainError("give exactly one of --stage N (a shipped recipe) or --recipe FILE")
+    try:
+        registry = load_registry(args.dataset_info)
+        recipe = load_recipe(args.stage if args.recipe is None else args.recipe, registry)
+    except OvisDataError as e:
+        raise TrainError(str(e)) from e
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={int(args.max_steps)}")
+    if args.micro_batch_tokens is not None:
+        overrides.append(f"train.micro_batch_tokens={int(args.micro_batch_tokens)}")
+    try:
+        cfg = TrainConfig.from_recipe(recipe, overrides)
+    except ConfigError as e:
+        raise TrainError(str(e)) from e
+    data_dir = Path(args.data)
+    if not (data_dir / "manifest.json").is_file() and (data_dir / f"stage{cfg.stage}").is_dir():
+        data_dir = data_dir / f"stage{cfg.stage}"  # --data OUT as given to `ovis-data pack --out`
+    try:
+        manifest, manifest_path = read_manifest(data_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainError(str(e)) from e
+    if manifest.get("stage") != cfg.stage:
+        raise TrainError(
+            f"{manifest_path}: packed for stage {manifest.get('stage')}, training stage {cfg.stage}"
+        )
+    run_dir = Path(args.out) / f"stage{cfg.stage}"
+    init_dir = None
+    if args.init is not None or cfg.model["init"] == "previous":
+        init_dir = (
+            Path(args.init) if args.init is not None else Path(args.out) / f"stage{cfg.stage - 1}" / "model"
+        )
+        if not (init_dir / "config.json").is_file():
+            raise TrainError(
+                f"{init_dir}: no model directory to start stage {cfg.stage} from "
+                "(train the previous stage first, or pass --init DIR)"
+            )
+    else:
+        for flag, path in (("--llm", args.llm), ("--vit", args.vit)):
+            if path is None or not (Path(path) / "config.json").is_file():
+                raise TrainError(
+                    f"stage {cfg.stage} builds the model from a base LLM and a base ViT: {flag} "
+                    + (f"{path} has no config.json" if path is not None else "is required")
+                )
+    ckpt = run_dir / "checkpoints"
+    if not args.resume and (ckpt / "latest").is_file():
+        raise TrainError(
+            f"{ckpt} holds checkpoints: pass --resume to continue that run, or use another --out"
+        )
+    return Prepared(cfg, run_dir, data_dir, manifest, manifest_path, init_dir)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """torchrun / deepspeed launchers set RANK etc.; a plain `ovis-train` runs as a world of one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def build_model(prep: Prepared, args: RunArgs) -> Ovis:
+    from transformers.utils import logging as hf_logging
+
+    from ..modeling import Ovis
+
+    hf_logging.disable_progress_bar()
+    cfg = prep.cfg
+    torch.manual_seed(cfg.train["seed"])  # stage 1's fresh head and VTE, the re-initialised ViT block
+    attn = cfg.model["attn_implementation"]
+    if prep.init_dir is None:
+        model = Ovis.from_parts(
+            llm=args.llm,
+            vit=args.vit,
+            visual_vocab_size=cfg.model["visual_vocab_size"],
+            re_init_layers=cfg.model["re_init_layers"],
+            attn_implementation=attn,
+        )
+    else:
+        model = Ovis.from_pretrained(prep.init_dir, attn_implementation=attn)
+    try:
+        check_manifest(prep.manifest, prep.manifest_path, model)
+        select_trainable(model, cfg.trainable, logger=log)
+    except (ContractError, ValueError) as e:
+        raise TrainError(f"{cfg.recipe}: {e}" if not isinstance(e, ContractError) else str(e)) from e
+    if cfg.train["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def trainable_rows(model: Ovis) -> list[tuple[str, int, int]]:
+    """(part, trained parameters, all parameters) for the parts a recipe can name."""
+    vt = model.visual_tokenizer
+    parts = {"llm": model.llm, "visual_tokenizer.backbone": vt.backbone, "visual_tokenizer.head": vt.head}
+    parts["vte"] = model.vte
+    return [
+        (
+            name,
+            sum(p.numel() for p in m.parameters() if p.requires_grad),
+            sum(p.numel() for p in m.parameters()),
+        )
+        for name, m in parts.items()
+    ]
+
+
+def build_loader(prep: Prepared, model: Ovis, rank: int, world: int) -> TrainLoader:
+    cfg = prep.cfg
+    tok = model.text_tokenizer
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    try:
+        dataset = PackedStage(
+            prep.data_dir,
+            micro_batch_tokens=cfg.micro_batch_tokens,
+            image_processor=model.image_processor,
+            num_visual_tokens=model.num_visual_tokens,
+            seed=cfg.train["seed"],
+            rank=rank,
+            world_size=world,
+            pad_token_id=pad,
+            skip_bad_shards=cfg.train["skip_bad_shards"],
+        )
+    except ValueError as e:
+        raise TrainError(str(e)) from e
+    return TrainLoader(dataset, num_workers=cfg.train["num_workers"])
+
+
+def step_plan(prep: Prepared, loader: TrainLoader, world: int) -> StepPlan:
+    m = prep.manifest
+    samples_per_record = m["samples"] / max(m["records"], 1)
+    summary = loader.dataset.plan(0).summary
+    per_mb = samples_per_record * summary["records"] / max(summary["micro_batches"], 1)
+    try:
+        return plan_steps(prep.cfg, summary["micro_batches"], per_mb, world)
+    except ConfigError as e:
+        raise TrainError(str(e)) from e
+
+
+def build_engine(prep: Prepared, model: Ovis, plan: StepPlan, world: int, bf16: bool) -> tuple[Any, dict]:
+    import deepspeed
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    cfg = prep.cfg
+    lr = _lr(cfg, model)
+    ds_config = deepspeed_config(cfg, plan.grad_accum, world, lr, bf16)
+
+    def scheduler(optimizer: Any) -> Any:
+        if cfg.train["schedule"] == "cosine":
+            return get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.steps)
+        return get_constant_schedule_with_warmup(optimizer, plan.warmup_steps)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds_config, lr_scheduler=scheduler
+    )
+    return engine, ds_config
+
+
+def _lr(cfg: TrainConfig, model: Ovis) -> float:
+    by_family = cfg.train["lr_by_family"]
+    family = getattr(model.config, "conversation_template", None)
+    return float(by_family.get(family, cfg.train["lr"]))
