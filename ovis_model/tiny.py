@@ -98,17 +98,22 @@ def write_tiny_parts(
     image_size: int = 28,
     seed: int = 0,
     tokenizer_dir: str | os.PathLike | None = None,
+    initializer_range: float = 0.02,
 ) -> tuple[Path, Path]:
     """A tiny LLM directory (Qwen2 shapes, the real Qwen2.5 tokenizer unless `tokenizer_dir` names
     another) and a tiny ViT directory.
 
     The LLM's vocabulary covers the tokenizer's; its embeddings are tied to keep the files small.
+    `initializer_range`: std of the LLM's weights; a random 32-wide LLM at the usual 0.02 gives nearly
+    uniform logits whatever its input, so a frozen one passes the visual parts almost no gradient (the demo
+    uses a larger value to let stage 1's loss move).
     """
     torch.manual_seed(seed)
     directory = Path(directory)
     llm_dir, vit_dir = directory / "llm", directory / "vit"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or bundled_qwen_tokenizer_dir())
     config = tiny_llm_config(vocab_size=len(tokenizer), hidden_size=32, tie_word_embeddings=True)
+    config.initializer_range = initializer_range
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config.eos_token_id = (
         im_end if im_end != tokenizer.unk_token_id and im_end is not None else tokenizer.eos_token_id

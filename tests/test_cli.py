@@ -111,5 +111,9 @@ def test_demo_runs_end_to_end(tmp_path: Path):
     for stage in (1, 2, 3):
         manifest = json.loads((demo / "packed" / f"stage{stage}" / "manifest.json").read_text())
         assert manifest["records"] > 0 and manifest["stage"] == stage
-        assert (demo / "model" / f"stage{stage}" / "config.json").exists()
+        assert (demo / "run" / f"stage{stage}" / "model" / "config.json").exists()
+        lines = (demo / "run" / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()
+        losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+        assert len(losses) >= 8 and losses[-1] < losses[0]  # the trainer trained every stage
     assert "deliberately broken" in out.stdout
+    assert "Its answer about" in out.stdout

@@ -23,8 +23,9 @@ def demo(
     """Run the whole pipeline on a built-in corpus of all 19 datasets, on one CPU, in minutes.
 
     Builds the corpus (with deliberately broken samples: the summary shows each one with its reason),
-    validates it, packs stages 1-3 with the real Qwen2.5 tokenizer, and trains a tiny Ovis a few steps
-    on each stage's shards.
+    validates it, packs stages 1-3 with the real Qwen2.5 tokenizer, trains a tiny Ovis on each stage's
+    shards with ovis-train (DeepSpeed on one CPU process; stage 1 from a tiny LLM and ViT, each next stage
+    from the last one's model), and asks the final model about an image.
     """
     summary = run_demo(out, seed=seed, console=console, processes=processes)
-    console.print(summary)
+    console.print(summary, soft_wrap=True)

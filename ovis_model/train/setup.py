@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """torchrun / deepspeed launchers set RANK etc.; a plain `ovis-train` runs as a world of one."""
     import deepspeed
 
+    # DeepSpeed's ZeRO calls collectives torch deprecated: one warning per call would drown the progress line
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     if "RANK" not in os.environ:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -162,16 +167,17 @@ def build_model(prep: Prepared, args: RunArgs) -> Ovis:
 
 
 def trainable_rows(model: Ovis) -> list[tuple[str, int, int]]:
-    """(part, trained parameters, all parameters) for the parts a recipe can name."""
+    """(part, trained parameters, all parameters) for the parts a recipe can name (full sizes also after
+    ZeRO-3 has partitioned them)."""
     vt = model.visual_tokenizer
     parts = {"llm": model.llm, "visual_tokenizer.backbone": vt.backbone, "visual_tokenizer.head": vt.head}
     parts["vte"] = model.vte
+
+    def size(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
     return [
-        (
-            name,
-            sum(p.numel() for p in m.parameters() if p.requires_grad),
-            sum(p.numel() for p in m.parameters()),
-        )
+        (name, sum(size(p) for p in m.parameters() if p.requires_grad), sum(size(p) for p in m.parameters()))
         for name, m in parts.items()
     ]
 
