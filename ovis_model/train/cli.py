@@ -55,6 +55,7 @@ def train_command(
     dataset_info: Annotated[
         Path | None, typer.Option("--dataset-info", help="Your own dataset_info.json (for --recipe).")
     ] = None,
+    local_rank: Annotated[int | None, typer.Option("--local_rank", hidden=True)] = None,  # deepspeed launcher
 ) -> None:
     """Train one stage of Ovis on packed shards with DeepSpeed, as the stage's recipe says.
 

@@ -36,10 +36,10 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
     cfg, run_dir = prep.cfg, prep.run_dir
     rank, world, device = init_distributed()
     main = rank == 0
-    model = build_model(prep, args)
+    bf16 = bool(cfg.train["bf16"]) and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model = build_model(prep, args, torch.bfloat16 if bf16 else None)
     loader = build_loader(prep, model, rank, world)
     plan = step_plan(prep, loader, world)
-    bf16 = bool(cfg.train["bf16"]) and device.type == "cuda" and torch.cuda.is_bf16_supported()
     engine, ds_config = build_engine(prep, model, plan, world, bf16)
     ckpt_dir = run_dir / "checkpoints"
     step = 0

@@ -137,7 +137,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def build_model(prep: Prepared, args: RunArgs) -> Ovis:
+def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None) -> Ovis:
+    """The stage's starting model in `dtype` (bf16 when training in bf16: DeepSpeed would cast it anyway,
+    and loading it so halves host memory), checked against the manifest, the recipe's modules trainable."""
     from transformers.utils import logging as hf_logging
 
     from ..modeling import Ovis
@@ -153,9 +155,10 @@ def build_model(prep: Prepared, args: RunArgs) -> Ovis:
             visual_vocab_size=cfg.model["visual_vocab_size"],
             re_init_layers=cfg.model["re_init_layers"],
             attn_implementation=attn,
+            dtype=dtype,
         )
     else:
-        model = Ovis.from_pretrained(prep.init_dir, attn_implementation=attn)
+        model = Ovis.from_pretrained(prep.init_dir, attn_implementation=attn, dtype=dtype)
     try:
         check_manifest(prep.manifest, prep.manifest_path, model)
         select_trainable(model, cfg.trainable, logger=log)
