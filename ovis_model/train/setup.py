@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -157,6 +158,18 @@ def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None)
             attn_implementation=attn,
             dtype=dtype,
         )
+    elif _zero_stage(cfg) == 3:
+        # built and loaded partition by partition (zero.Init through transformers' DeepSpeed integration):
+        # no rank ever holds the whole model. Unset right after, so later loads in this process are plain.
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        ds = json.loads(Path(cfg.deepspeed).read_text(encoding="utf-8"))
+        ds.update(train_micro_batch_size_per_gpu=1, bf16={"enabled": dtype == torch.bfloat16})
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841 - transformers holds only a weak reference to it
+        try:
+            model = Ovis.from_pretrained(prep.init_dir, attn_implementation=attn, dtype=dtype)
+        finally:
+            unset_hf_deepspeed_config()
     else:
         model = Ovis.from_pretrained(prep.init_dir, attn_implementation=attn, dtype=dtype)
     try:
@@ -167,6 +180,11 @@ def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None)
     if cfg.train["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     return model
+
+
+def _zero_stage(cfg: TrainConfig) -> int:
+    ds = json.loads(Path(cfg.deepspeed).read_text(encoding="utf-8"))
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 def trainable_rows(model: Ovis) -> list[tuple[str, int, int]]:
