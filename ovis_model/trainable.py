@@ -51,7 +51,7 @@ def _modules_for(model: Ovis, name: str) -> list[nn.Module]:
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
 
-def _unit(param_name: str) -> str:
+def unit_of(param_name: str) -> str:
     """The module a parameter is reported under: a numbered block, else its parent module's path."""
     match = _LAYER.match(param_name)
     return match.group(1) if match else param_name.rsplit(".", 1)[0]
@@ -61,7 +61,7 @@ def module_states(model: nn.Module) -> dict[str, str]:
     """'train', 'freeze' or 'partial' for every block / leaf module, in definition order."""
     flags: dict[str, list[bool]] = {}
     for name, param in model.named_parameters():
-        flags.setdefault(_unit(name), []).append(param.requires_grad)
+        flags.setdefault(unit_of(name), []).append(param.requires_grad)
     return {u: "train" if all(f) else "freeze" if not any(f) else "partial" for u, f in flags.items()}
 
 

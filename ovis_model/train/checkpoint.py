@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 TAG_PREFIX = "step"
@@ -74,6 +73,3 @@ def export_model(engine: Any, out: Path, zero_stage: int) -> None:
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     _barrier()
 
-
-def trainable_snapshot(model: torch.nn.Module) -> dict[str, bool]:
-    return {n: p.requires_grad for n, p in model.named_parameters()}

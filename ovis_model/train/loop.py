@@ -27,6 +27,7 @@ from .setup import (
     prepare,
     step_plan,
     trainable_rows,
+    write_module_table,
 )
 
 
@@ -56,11 +57,13 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
             f"stage {cfg.stage} ({Path(cfg.recipe).name}) on {world} rank(s), {device.type}, "
             f"{'bf16' if bf16 else 'fp32'}; data {prep.data_dir}"
         )
+        write_module_table(model, run_dir / "modules.txt")
         for part, trained, total in trainable_rows(model):
             say(
                 f"  {'train ' if trained == total else 'freeze' if not trained else 'part  '} {part}: "
                 f"{trained:,} of {total:,} parameters trained"
             )
+        say(f"  (every module's state and size: {run_dir / 'modules.txt'})")
         say("  " + plan.describe(cfg.train["global_batch_samples"], world))
         if step:
             say(f"  resumed from {ckpt_dir / checkpoint.latest(ckpt_dir)} at step {step}")

@@ -203,6 +203,18 @@ def trainable_rows(model: Ovis) -> list[tuple[str, int, int]]:
     ]
 
 
+def write_module_table(model: Ovis, path: Path) -> None:
+    """Every block / leaf module with its state (train, freeze, partial) and parameter count."""
+    from ..trainable import module_states, unit_of
+
+    sizes: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        sizes[unit_of(name)] = sizes.get(unit_of(name), 0) + int(getattr(p, "ds_numel", p.numel()))
+    lines = [f"{'state':8} {'parameters':>12}  module"]
+    lines += [f"{state:8} {sizes[unit]:>12,}  {unit}" for unit, state in module_states(model).items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def build_loader(prep: Prepared, model: Ovis, rank: int, world: int) -> TrainLoader:
     cfg = prep.cfg
     tok = model.text_tokenizer
