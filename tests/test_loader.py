@@ -213,3 +213,34 @@ def test_corrupt_shard_is_named_and_skipped_with_the_flag(stage_dir: Path, tmp_p
         assert summary["bad_shards"] == (["stage3-00002.tar"] if lost else [])
         total_lost += lost
     assert total_lost > 0
+
+
+def test_undecodable_image_names_its_record_and_is_dropped_with_the_flag(
+    stage_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from ovis_data.shards import read_records
+
+    broken = tmp_path / "stage3"
+    shutil.copytree(stage_dir, broken)
+    victim = broken / "stage3-00003.tar"
+    records = list(read_records(victim))
+    index = next(i for i, r in enumerate(records) if r.images)
+    records[index].images[0] = b"\xff\xd8 not a jpeg"
+    writer = ShardWriter(victim)  # same records, one image damaged: the manifest still fits
+    for rec in records:
+        writer.write(rec)
+    writer.close()
+    strict = _loader(broken, 0, world=1, workers=0)
+    with pytest.raises(
+        Exception, match=rf"stage3-00003\.tar: record {index}: image img_000 cannot be decoded"
+    ):
+        list(itertools.islice(strict, strict.micro_batches_per_epoch))
+    lenient = _loader(broken, 0, world=1, workers=0, skip_bad_shards=True)
+    batches = list(itertools.islice(lenient, lenient.micro_batches_per_epoch))
+    keys = [k for b in batches for k in b["meta"]["keys"]]
+    assert f"stage3-00003.tar/{records[index].key}" not in keys
+    assert sum(b["meta"]["lost"] for b in batches) == 1
+    assert len(keys) == lenient.epoch_summary(0)["records"] - 1
+    assert lenient.epoch_summary(0)["bad_shards"] == ["stage3-00003.tar"]

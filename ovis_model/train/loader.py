@@ -219,26 +219,43 @@ class PackedStage(IterableDataset):
                 yield base + index, None, [event] if k == 0 else []
 
     def _decode(self, path: Path, index: int, rec: Record) -> dict:
+        """The record as the collator takes it; images stay JPEG bytes until their micro-batch is built
+        (a record can wait in the window's buffer: decoded pixels would be ~8x its bytes)."""
         n_images = int(np.count_nonzero(rec.input_ids == -200))
         if n_images != len(rec.images):
             raise ShardError(path, index, f"{n_images} image placeholders but {len(rec.images)} images")
-        images = []
-        for k, data in enumerate(rec.images):
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    images.append(img.convert("RGB"))
-            except Exception as e:  # PIL raises many types for damaged JPEGs
-                raise ShardError(path, index, f"image img_{k:03d} cannot be decoded: {e}") from e
         return {
             "shard": path.name,
+            "index": index,
             "key": rec.key,
             "input_ids": rec.input_ids,
             "labels": rec.labels,
             "lengths": rec.lengths,
-            "images": images,
+            "images": rec.images,
         }
 
-    def _collate(self, plan: RankPlan, t: int, parts: list[dict], bad: list[dict], lost: int) -> dict:
+    def _decode_images(self, rec: dict) -> list[Image.Image]:
+        images = []
+        for k, data in enumerate(rec["images"]):
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    images.append(img.convert("RGB"))
+            except Exception as e:  # PIL raises many types for damaged JPEGs
+                raise ShardError(
+                    self.data_dir / rec["shard"], rec["index"], f"image img_{k:03d} cannot be decoded: {e}"
+                ) from e
+        return images
+
+    def _collate(self, plan: RankPlan, t: int, records: list[dict], bad: list[dict], lost: int) -> dict:
+        parts = []
+        for rec in records:
+            try:
+                parts.append({**rec, "images": self._decode_images(rec)})
+            except ShardError as e:
+                if not self.skip_bad_shards:
+                    raise
+                bad.append({"shard": rec["shard"], "record": e.record, "reason": e.reason})
+                lost += 1
         inputs = collate_packed(
             parts or [empty_micro_batch(self.pad_token_id)],
             self.image_processor,
