@@ -74,6 +74,7 @@ def collate_packed(
     layout: str = "rows",
     pad_token_id: int = 0,
     pad_to_multiple_of: int | None = None,
+    pixels: str = "normalized",
 ) -> dict[str, Any]:
     """Model inputs for a list of packed records (mappings or objects with the four fields).
 
@@ -81,9 +82,14 @@ def collate_packed(
     `cu_seqlens` (int32, over the flattened batch, padding as its own segment), `max_seqlen` (int),
     `pixel_values` (`[n_images, 3, S, S]` float32, or None) and `n_supervised` (int). Pass everything but
     `n_supervised` to `Ovis.forward` (`model(**batch)` ignores it).
+
+    `pixels="canvas"`: `pixel_values` are the uint8 canvases of `OvisImageProcessor.canvas` and
+    `image_sizes` is added; `batch_to(..., image_processor=...)` normalises them on the device.
     """
     if layout not in ("rows", "concat"):
         raise ValueError(f"layout must be 'rows' or 'concat', got {layout!r}")
+    if pixels not in ("normalized", "canvas"):
+        raise ValueError(f"pixels must be 'normalized' or 'canvas', got {pixels!r}")
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     images: list[Image.Image] = []
     n_supervised = 0
@@ -122,8 +128,15 @@ def collate_packed(
         segment_ids[b] = seg
         starts = torch.cumsum(torch.tensor(seg_lengths), 0) - torch.tensor(seg_lengths)
         position_ids[b] = torch.arange(width) - starts[seg]
-    pixel_values = image_processor(images) if images else None
+    extra: dict[str, Any] = {}
+    if not images:
+        pixel_values = None
+    elif pixels == "canvas":
+        pixel_values, extra["image_sizes"] = image_processor.canvas(images)
+    else:
+        pixel_values = image_processor(images)
     return {
+        **extra,
         "input_ids": input_ids,
         "labels": labels_t,
         "position_ids": position_ids,
@@ -135,13 +148,24 @@ def collate_packed(
     }
 
 
-def batch_to(batch: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype | None = None) -> dict:
-    """Move the tensors of a collated batch to `device` (pixel values also to `dtype`)."""
+def batch_to(
+    batch: Mapping[str, Any],
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    image_processor: OvisImageProcessor | None = None,
+) -> dict:
+    """Move the tensors of a collated batch to `device` (pixel values also to `dtype`); uint8 canvases
+    (`pixels="canvas"`) are normalised there by `image_processor`, and `image_sizes` dropped."""
     out: dict[str, Any] = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(
-                device, dtype=dtype if key == "pixel_values" and dtype else None, non_blocking=True
-            )
+            cast = dtype if key == "pixel_values" and dtype and value.is_floating_point() else None
+            value = value.to(device, dtype=cast, non_blocking=True)
         out[key] = value
+    sizes = out.pop("image_sizes", None)
+    if sizes is not None:
+        if image_processor is None:
+            raise ValueError("the batch holds uint8 image canvases: pass the model's image_processor")
+        values = image_processor.normalize_canvas(out["pixel_values"], sizes)
+        out["pixel_values"] = values.to(dtype) if dtype else values
     return out

@@ -65,13 +65,54 @@ class OvisImageProcessor:
         square[:, top : top + h, left : left + w] = values
         return square
 
+    # -- many images: uint8 canvases, normalised by table lookup -------------------------------------------
+    def lookup_table(self) -> np.ndarray:
+        """`[3, 256]` float32: the normalised value of each uint8 level per channel, computed with exactly
+        the operations of `normalize` (float64 rescale, float32 mean and std): a lookup is bit-identical."""
+        levels = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        return np.stack([(levels - mean[c]) / std[c] for c in range(3)]).astype(np.float32)
+
+    def canvas(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`[n, 3, S, S]` uint8: each image resized and centred on a zero square, `[n, 2]` int32: each
+        image's (height, width)). A quarter of the float pixels' bytes: what loader workers hand over."""
+        side = self.image_size
+        out = np.zeros((len(images), 3, side, side), dtype=np.uint8)
+        sizes = np.zeros((len(images), 2), dtype=np.int32)
+        for i, image in enumerate(images):
+            if image.mode != "RGB":  # RGBA, palette, CMYK, grayscale
+                image = image.convert("RGB")
+            size = self.resized_size(*image.size)
+            if image.size != size:
+                image = image.resize(size, resample=self.resample, reducing_gap=None)
+            w, h = size
+            top, left = (side - h) // 2, (side - w) // 2
+            out[i, :, top : top + h, left : left + w] = np.asarray(image).transpose(2, 0, 1)
+            sizes[i] = (h, w)
+        return torch.from_numpy(out), torch.from_numpy(sizes)
+
+    def normalize_canvas(self, canvas: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """`[n, 3, S, S]` float32 from `canvas()`'s output, on its device (a GPU does it in microseconds):
+        the lookup table per channel, zero outside each image. Equal bit for bit to `preprocess`."""
+        table = torch.from_numpy(self.lookup_table()).to(canvas.device)
+        values = table[torch.arange(3, device=canvas.device)[None, :, None, None], canvas.long()]
+        side = canvas.shape[-1]
+        h, w = sizes[:, 0].to(canvas.device, torch.long), sizes[:, 1].to(canvas.device, torch.long)
+        top, left = (side - h) // 2, (side - w) // 2
+        pos = torch.arange(side, device=canvas.device)
+        rows = (pos[None] >= top[:, None]) & (pos[None] < (top + h)[:, None])
+        cols = (pos[None] >= left[:, None]) & (pos[None] < (left + w)[:, None])
+        inside = rows[:, None, :, None] & cols[:, None, None, :]
+        return values.masked_fill(~inside, 0.0)
+
     def __call__(self, images: Image.Image | list[Image.Image]) -> torch.Tensor:
         """`[n, 3, S, S]` for a list of images (an empty list gives `[0, 3, S, S]`)."""
         if isinstance(images, Image.Image):
             images = [images]
         if not images:
             return torch.zeros(0, 3, self.image_size, self.image_size)
-        return torch.stack([self.preprocess(im) for im in images])
+        return self.normalize_canvas(*self.canvas(images))
 
     # -- persistence ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

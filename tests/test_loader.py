@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ovis_data.shards import Record, ShardWriter
-from ovis_model.batching import count_targets, expand_image_placeholders
+from ovis_model.batching import batch_to, count_targets, expand_image_placeholders
 from ovis_model.preprocess import OvisImageProcessor
 from ovis_model.tiny import random_packed_record
 from ovis_model.train.loader import PackedStage, TrainLoader
@@ -138,6 +139,9 @@ def test_ranks_and_workers_cover_the_epoch_disjointly_with_equal_counts(stage_di
             assert b["n_supervised"] == count_targets(inputs["labels"][0].numpy(), _lengths(inputs))
             if meta["images"]:
                 assert inputs["pixel_values"].shape == (meta["images"], 3, 28, 28)
+                assert inputs["pixel_values"].dtype == torch.uint8  # normalised on the device
+                ready = batch_to(inputs, "cpu", None, PROCESSOR)
+                assert ready["pixel_values"].dtype == torch.float32 and "image_sizes" not in ready
         dropped = summary["dropped_records_rank_split"] + summary["dropped_records_equal_batches"]
         assert len(seen[rank]) + summary["dropped_records_equal_batches"] == total // 2
         assert dropped < 10

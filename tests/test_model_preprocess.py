@@ -75,3 +75,19 @@ def test_save_load_round_trip_and_backbone_config(tmp_path) -> None:
     clip = CLIPImageProcessorPil.from_pretrained(tmp_path)
     assert clip.do_center_crop is False and list(clip.image_mean) == [0.5] * 3
     assert processor([]).shape == (0, 3, 56, 56)
+
+
+def test_canvas_lookup_path_equals_the_float_path_bit_for_bit() -> None:
+    rng = np.random.default_rng(7)
+    processor = OvisImageProcessor(image_size=56)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for h, w in [(30, 80), (80, 30), (56, 56), (13, 100), (70, 69)]
+    ]
+    images.append(Image.fromarray(rng.integers(0, 256, (40, 20), dtype=np.uint8), mode="L"))
+    canvas, sizes = processor.canvas(images)
+    assert canvas.dtype == torch.uint8 and canvas.shape == (6, 3, 56, 56)
+    fast = processor.normalize_canvas(canvas, sizes)
+    slow = torch.stack([processor.preprocess(im) for im in images])
+    assert torch.equal(fast, slow)
+    assert torch.equal(processor(images), slow)

@@ -72,4 +72,3 @@ def export_model(engine: Any, out: Path, zero_stage: int) -> None:
             shutil.rmtree(out)
         model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     _barrier()
-

@@ -263,6 +263,7 @@ class PackedStage(IterableDataset):
             layout=self.layout,
             pad_token_id=self.pad_token_id,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            pixels="canvas",  # uint8 over the worker pipe; normalised on the device (batch_to)
         )
         n_supervised = inputs.pop("n_supervised")
         n_images = sum(len(r["images"]) for r in parts)

@@ -84,7 +84,8 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
             norm = loss_normalizer(global_count, world, plan.grad_accum)
             loss_sum = 0.0
             for mb in batches:
-                out = engine(**batch_to(mb["inputs"], device, dtype), loss_normalizer=norm)
+                inputs = batch_to(mb["inputs"], device, dtype, model.image_processor)
+                out = engine(**inputs, loss_normalizer=norm)
                 engine.backward(out.loss)
                 engine.step()  # DeepSpeed steps the optimizer on the last micro-batch of the step
                 loss_sum += out.loss_sum.detach().item()
