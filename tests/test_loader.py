@@ -248,3 +248,30 @@ def test_undecodable_image_names_its_record_and_is_dropped_with_the_flag(
     assert sum(b["meta"]["lost"] for b in batches) == 1
     assert len(keys) == lenient.epoch_summary(0)["records"] - 1
     assert lenient.epoch_summary(0)["bad_shards"] == ["stage3-00003.tar"]
+
+
+def test_shards_read_alike_through_the_header_walk_and_tarfile(stage_dir: Path, tmp_path: Path) -> None:
+    """Plain ustar shards take the fast header walk; a tar with a GNU long name falls back to tarfile
+    mid-way and yields the same records, none twice."""
+    import io
+    import tarfile
+
+    from ovis_data.shards import iter_records
+
+    src = stage_dir / "stage3-00000.tar"
+    plain = list(iter_records(src))
+    gnu = tmp_path / "gnu.tar"
+    with tarfile.open(src) as tin, tarfile.open(gnu, "w", format=tarfile.GNU_FORMAT) as tout:
+        members = [(m, tin.extractfile(m).read()) for m in tin]
+        keys_in_order = [m.name.partition(".")[0] for m, _ in members]
+        middle = keys_in_order.index(keys_in_order[len(members) // 2])  # a record's first member
+        for i, (m, data) in enumerate(members):
+            if i == middle:  # a long-named record in the middle: the walk meets it mid-file
+                long = tarfile.TarInfo("x" * 120 + ".json")
+                long.size = 2
+                tout.addfile(long, io.BytesIO(b"{}"))
+            tout.addfile(m, io.BytesIO(data))
+    mixed = [(i, r.key) for i, r in iter_records(gnu)]
+    keys = [r.key for _, r in plain]
+    assert [k for _, k in mixed if k != "x" * 120] == keys
+    assert [i for i, _ in mixed] == list(range(len(keys) + 1))
