@@ -103,7 +103,7 @@ def test_root_from_environment_and_own_dataset_info(tmp_path: Path):
 
 
 def test_demo_runs_end_to_end(tmp_path: Path):
-    out = run_cli("demo", "--out", str(tmp_path / "demo"))
+    out = run_cli("demo", "--out", str(tmp_path / "demo"), "--train-steps", "4")
     assert out.returncode == 0, out.stdout + out.stderr
     demo = tmp_path / "demo"
     report = json.loads((demo / "validate_report.json").read_text())
@@ -114,6 +114,6 @@ def test_demo_runs_end_to_end(tmp_path: Path):
         assert (demo / "run" / f"stage{stage}" / "model" / "config.json").exists()
         lines = (demo / "run" / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()
         losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
-        assert len(losses) >= 8 and losses[-1] < losses[0]  # the trainer trained every stage
+        assert len(losses) == 4 and losses[-1] < losses[0]  # the trainer trained every stage
     assert "deliberately broken" in out.stdout
     assert "Its answer about" in out.stdout

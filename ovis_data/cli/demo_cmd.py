@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..demo import run_demo
+from ..demo import DEMO_STEPS, run_demo
 from .app import app
 from .common import console
 
@@ -19,6 +19,7 @@ def demo(
     ),
     seed: Annotated[int, typer.Option(help="Seed of the corpus, the packing and the tiny model.")] = 0,
     processes: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")] = None,
+    train_steps: Annotated[int, typer.Option(help="Training steps per stage.")] = DEMO_STEPS,
 ) -> None:
     """Run the whole pipeline on a built-in corpus of all 19 datasets, on one CPU, in minutes.
 
@@ -27,5 +28,5 @@ def demo(
     shards with ovis-train (DeepSpeed on one CPU process; stage 1 from a tiny LLM and ViT, each next stage
     from the last one's model), and asks the final model about an image.
     """
-    summary = run_demo(out, seed=seed, console=console, processes=processes)
+    summary = run_demo(out, seed=seed, console=console, processes=processes, train_steps=train_steps)
     console.print(summary, soft_wrap=True)
