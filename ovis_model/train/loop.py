@@ -121,6 +121,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
                 return {"stage": cfg.stage, "step": step, "stopped": True, "run_dir": str(run_dir)}
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        micro_batches.close()  # stops the loader's workers now, not at garbage collection
         metrics.close()
 
     model_dir = run_dir / "model"
