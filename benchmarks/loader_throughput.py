@@ -473,13 +473,19 @@ def read_ahead(ds: PackedStage, n_workers: int) -> dict:
 
 
 # -- the code measured ------------------------------------------------------------------------------------
-BENCH = ("loader_throughput", "pack_corpus", "pack_throughput")
-CODE = ("ovis_model", "ovis_data", *(f"benchmarks/{m}.py" for m in BENCH))
+# What the timed paths run (the shards are built once and reused, so pack is not among them).
+CODE = (
+    *(f"ovis_model/{m}.py" for m in ("train/loader", "train/plan", "batching", "preprocess")),
+    *(f"ovis_model/{m}.py" for m in ("attention", "constants")),
+    *(f"ovis_data/{m}.py" for m in ("shards", "templates", "tokenize")),
+    *(f"benchmarks/{m}.py" for m in ("loader_throughput", "pack_corpus", "pack_throughput")),
+)
 
 
-def code_version() -> dict:
-    """HEAD and the measured code's uncommitted changes: a result is only as good as knowing what ran
-    (ours' workers import the loader afresh when the forkserver starts)."""
+def code_version(since_head: str | None = None) -> dict:
+    """HEAD, the measured code's uncommitted changes and (with since_head) the files of it that commits
+    changed since: a result is only as good as knowing what ran (ours' workers import the loader afresh
+    when the forkserver starts, so a change during the run can mix versions)."""
     import subprocess
 
     def git(*a: str) -> str:
@@ -488,8 +494,10 @@ def code_version() -> dict:
         except (OSError, subprocess.CalledProcessError):
             return ""
 
+    head = git("rev-parse", "HEAD").strip()
     dirty = git("status", "--porcelain", "--", *CODE).splitlines()
-    return {"head": git("rev-parse", "HEAD").strip(), "uncommitted": [x[3:] for x in dirty]}
+    since = git("diff", "--name-only", f"{since_head}..{head}", "--", *CODE).split() if since_head else []
+    return {"head": head, "uncommitted": [x[3:] for x in dirty], "changed_since_start": since}
 
 
 # -- the machine's other load -------------------------------------------------------------------------------
@@ -553,7 +561,7 @@ def measured(fn, max_wait_s: float, attempts: int, threshold: float = 0.10) -> d
 
 def _load_note(load: dict) -> str:
     share = load.get("others_cpu_share_during")
-    return "" if share is None else f", others used {share:.0%} of the CPUs"
+    return "" if share is None else f", others used {max(share, 0.0):.0%} of the CPUs"
 
 
 # -- one-core breakdown -----------------------------------------------------------------------------------
@@ -916,8 +924,9 @@ def main() -> None:
             f"{s['ours']['useful_fraction']:.1%} vs {s['v1']['useful_fraction']:.1%} (target >= 95%), "
             f"budget fill {s['ours']['budget_fill']:.1%}"
         )
-    if code_version()["head"] != version["head"]:
-        print(f"WARNING: HEAD moved during the run (from {version['head'][:10]}): figures may mix versions")
+    changed = code_version(version["head"])["changed_since_start"]
+    if changed:
+        print(f"WARNING: the measured code changed during the run ({', '.join(changed)}): versions may mix")
         checks_ok = False
     results["checks_ok"] = checks_ok
     results["machine"]["loadavg_after"] = os.getloadavg()
