@@ -43,7 +43,7 @@ def train_command(
     micro_batch_tokens: Annotated[
         int | None,
         typer.Option(
-            "--micro-batch-tokens", metavar="T", help="Tokens per micro-batch (default: 4 x max length)."
+            "--micro-batch-tokens", metavar="T", help="Tokens per micro-batch (default: the recipe's, 16384)."
         ),
     ] = None,
     overrides: Annotated[

@@ -30,7 +30,7 @@ TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "eps": (float, 1e-8),
     "grad_clip": (float, 1.0),
     "global_batch_samples": (int, None),
-    "micro_batch_tokens": (int, 0),  # 0: 4 x the stage's capacity
+    "micro_batch_tokens": (int, 16384),  # tokens per micro-batch, images expanded
     "bf16": (bool, True),  # where the hardware has it; fp32 on CPU
     "gradient_checkpointing": (bool, True),
     "seed": (int, 0),
@@ -154,7 +154,7 @@ class TrainConfig:
 
     @property
     def micro_batch_tokens(self) -> int:
-        return int(self.train["micro_batch_tokens"]) or 4 * self.capacity
+        return int(self.train["micro_batch_tokens"])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
