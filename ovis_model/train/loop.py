@@ -82,15 +82,15 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
             batches = next_step(micro_batches, plan.grad_accum)
             global_count = global_supervised(batches, device)
             norm = loss_normalizer(global_count, world, plan.grad_accum)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once per step: no GPU sync
             for mb in batches:
                 inputs = batch_to(mb["inputs"], device, dtype, model.image_processor)
                 out = engine(**inputs, loss_normalizer=norm)
                 engine.backward(out.loss)
                 engine.step()  # DeepSpeed steps the optimizer on the last micro-batch of the step
-                loss_sum += out.loss_sum.detach().item()
+                loss_sum += out.loss_sum.detach().double()
             step += 1
-            local = [loss_sum, *(sum(mb["meta"][k] for mb in batches) for k in ("tokens", "samples"))]
+            local = [float(loss_sum), *(sum(mb["meta"][k] for mb in batches) for k in ("tokens", "samples"))]
             loss_total, tokens, samples = all_reduce_sum([*local], device)
             grad_norm = engine.get_global_grad_norm()
             metrics.step(
