@@ -38,7 +38,7 @@ from .imagestore import ImageStore
 from .packing import DEFAULT_BUFFER, pack_lengths
 from .recipes import StageRecipe, load_recipe
 from .registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
-from .shards import Record, ShardWriter, resize_for_vit
+from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
 from .templates import IGNORE_ID, IMAGE_ID, ChatTemplateFormat, detect_chat_format
 from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity, vocab_identity
 
@@ -276,16 +276,6 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
     # Written after the rename: a shard is done when its tar and its stats (with the sha256) are there.
     _atomic_json(Path(cfg.out) / WORK / "shards" / f"{index:05d}.json", stats)
     return stats
-
-
-def supervised_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
-    """Supervised next-token targets of a packed record: labels != -100 except at each sub-sample's first
-    position (no token before it in that sub-sample predicts it). Image placeholders carry -100 labels, and
-    the visual tokens they expand to are never supervised, so the count is the same expanded or not."""
-    mask = np.asarray(labels) != IGNORE_ID
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[np.asarray(lengths) > 0]
-    mask[starts] = False
-    return int(mask.sum())
 
 
 # -- orchestration ------------------------------------------------------------------------------------

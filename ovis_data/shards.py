@@ -183,7 +183,7 @@ def _plain_members(f: BinaryIO) -> Iterator[tuple[str, int, int]]:
         offset += 512 + (size + 511) // 512 * 512
 
 
-def _tarfile_members(path: Path | str, tf: tarfile.TarFile) -> Iterator[tuple[str, Any, int]]:
+def _tarfile_members(tf: tarfile.TarFile) -> Iterator[tuple[str, Any, int]]:
     for m in tf:
         if m.isfile():
             yield m.name, m, m.size
@@ -217,7 +217,7 @@ def iter_records(
                 handle = tf.extractfile(member)
                 return handle.read() if handle is not None else b""
 
-            for index, rec in _group(_tarfile_members(path, tf), read, wanted, stop_after):
+            for index, rec in _group(_tarfile_members(tf), read, wanted, stop_after):
                 if index > done:
                     yield index, rec
     except ShardError as e:
@@ -268,6 +268,16 @@ def read_records(path: Path) -> Iterator[Record]:
     """The records of a shard, in order (plain tarfile: no webdataset needed)."""
     for _, rec in iter_records(path):
         yield rec
+
+
+def supervised_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
+    """Supervised next-token targets of a packed record: labels != -100 except at each sub-sample's first
+    position (no token before it in that sub-sample predicts it). Image placeholders carry -100 labels, and
+    the visual tokens they expand to are never supervised, so the count is the same expanded or not."""
+    mask = np.asarray(labels) != IGNORE_ID
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[np.asarray(lengths) > 0]
+    mask[starts] = False
+    return int(mask.sum())
 
 
 def supervised_mask(labels: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ovis_data.shards import supervised_targets
+
 from .attention import cu_seqlens_from_lengths
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from .preprocess import OvisImageProcessor
@@ -54,13 +56,9 @@ def expand_image_placeholders(
 
 
 def count_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
-    """Supervised targets after the shift: label t+1 of the same sub-sample is not -100."""
-    total = 0
-    start = 0
-    for n in np.asarray(lengths).tolist():
-        total += int(np.count_nonzero(labels[start + 1 : start + n] != IGNORE_INDEX))
-        start += n
-    return total
+    """Supervised targets after the shift: label t+1 of the same sub-sample is not -100 (the rule pack
+    also counts per record into the manifest: one definition, in ovis_data.shards)."""
+    return supervised_targets(labels, lengths)
 
 
 def _field(record: Mapping[str, Any] | Any, name: str) -> Any:
