@@ -378,7 +378,7 @@ def _mixture(kept: np.ndarray, weight: float, seed: int, dataset: str) -> np.nda
 
 
 def pack_stage(
-    stage: int | str | Path,
+    stage: int | str | Path | StageRecipe,
     root: str | Path | None,
     tokenizer: str | Path,
     out: str | Path,
@@ -398,7 +398,10 @@ def pack_stage(
     inputs; refuses (unless overwrite) to mix with shards packed from other inputs. `max_length`,
     `visual_tokens` and `image_size` default (None) to the recipe's."""
     registry = registry or load_registry()
-    recipe = load_recipe(int(stage) if str(stage).isdigit() else Path(stage), registry)
+    if isinstance(stage, StageRecipe):  # already loaded (and checked) against this registry
+        recipe = stage
+    else:
+        recipe = load_recipe(int(stage) if str(stage).isdigit() else Path(stage), registry)
     for flag, value in (("visual_tokens", visual_tokens), ("image_size", image_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value <= 0):
             raise OvisDataError(f"{flag} must be a positive integer, got {value!r}")

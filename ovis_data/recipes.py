@@ -1,4 +1,9 @@
-"""Stage recipes (pipelines/stageN.toml): which datasets a stage uses, its lengths and training setup."""
+"""Recipes: which datasets a stage uses, its lengths and its training setup.
+
+The shipped ones are pipelines/stageN.toml (`--stage N`); a user's own is any file of the same keys
+(`--recipe FILE`), its datasets resolved against the shipped registry extended by `--dataset-info FILE`.
+Its `stage` is the number it packs and trains as (OUT/stageN, RUN/stageN, starting from RUN/stage{N-1}).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OvisDataError
-from .registry import DatasetSpec
+from .registry import DatasetSpec, recipe_registry
 from .resources import resource_path
 
 TEMPLATES = ("auto", "qwen", "llama3", "gemma", "chat_template")
 DEFAULT_VISUAL_TOKENS = 578  # 576 patches + image begin/end of CLIP ViT-L/14-336 (OVIS_V1 section 4)
 DEFAULT_IMAGE_SIZE = 336
+# a typo in a recipe must be an error, not a silently ignored key ([model] and [train] keys: the trainer's)
+TOP_KEYS = (
+    "stage", "template", "max_length", "image_size", "visual_tokens", "max_images_per_pack", "trainable",
+    "deepspeed", "model", "train", "datasets",
+)  # fmt: skip
+DATASET_KEYS = ("name", "weight", "caption_template")
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,8 @@ class StageRecipe:
         return float(by_family.get(family, self.train["lr"])) if family else float(self.train["lr"])
 
     def deepspeed_path(self) -> Path:
-        return self.path.parent / self.deepspeed
+        found = find_deepspeed(self.path, self.deepspeed)
+        return found if found is not None else self.path.parent / self.deepspeed
 
 
 def _fail(path: Path, reason: str) -> OvisDataError:
@@ -62,44 +74,105 @@ def recipe_path(stage: int) -> Path:
     return resource_path("pipelines") / f"stage{stage}.toml"
 
 
+def find_deepspeed(recipe_file: Path, name: str) -> Path | None:
+    """The DeepSpeed config a recipe names: beside the recipe, else the shipped one of that name."""
+    for candidate in (Path(recipe_file).parent / name, resource_path("pipelines") / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def select_recipe(
+    stage: int | None, recipe: str | Path | None, dataset_info: str | Path | None = None
+) -> tuple[StageRecipe, dict[str, DatasetSpec]]:
+    """`--stage N` (the shipped pipelines/stageN.toml) or `--recipe FILE`, exactly one; its datasets
+    resolved against the shipped registry extended by `--dataset-info FILE`. Returns it with that registry."""
+    if stage is not None and recipe is not None:
+        raise OvisDataError("--stage and --recipe exclude each other: --stage N is the shipped recipe")
+    if stage is None and recipe is None:
+        raise OvisDataError("give --stage N (the shipped recipe pipelines/stageN.toml) or --recipe FILE")
+    registry = recipe_registry(dataset_info)
+    if recipe is None and not recipe_path(int(stage)).is_file():
+        raise OvisDataError(f"no shipped recipe for stage {stage} (stages 1-3; your own: --recipe FILE)")
+    return load_recipe(int(stage) if recipe is None else Path(recipe), registry), registry
+
+
+def _mix(path: Path, i: int, d: object, registry: dict[str, DatasetSpec]) -> DatasetMix:
+    where = f"datasets[{i}]"
+    if not isinstance(d, dict):
+        raise _fail(path, f"{where}: must be a table ([[datasets]] with name = ...)")
+    unknown = sorted(set(d) - set(DATASET_KEYS))
+    if unknown:
+        raise _fail(path, f"{where}: unknown key(s) {unknown}; valid: {', '.join(DATASET_KEYS)}")
+    name = d.get("name")
+    if name not in registry:
+        raise _fail(
+            path,
+            f"{where}: unknown dataset {name!r} (not in the registry: register it in your "
+            "dataset_info.json and pass --dataset-info FILE)",
+        )
+    where = f"{where} ({name})"
+    weight = d.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
+        raise _fail(path, f"{where}: weight must be a number > 0, got {weight!r}")
+    template = d.get("caption_template")
+    if template is not None:
+        if registry[name].data_format != "caption":
+            raise _fail(path, f"{where}: caption_template only applies to caption datasets")
+        if not isinstance(template, str) or template.count("<image>") != 1:
+            raise _fail(path, f"{where}: caption_template must contain exactly one '<image>'")
+    return DatasetMix(name, float(weight), template)
+
+
 def load_recipe(stage_or_path: int | str | Path, registry: dict[str, DatasetSpec]) -> StageRecipe:
-    """Parse a stage recipe and check every dataset it names against the registry."""
+    """Parse a recipe (a shipped stage's number, or a file) and check every dataset it names against the
+    registry. Errors name the file, the entry and the reason."""
     path = recipe_path(stage_or_path) if isinstance(stage_or_path, int) else Path(stage_or_path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise _fail(path, "recipe not found") from e
+    except IsADirectoryError as e:
+        raise _fail(path, "is a directory, not a recipe file") from e
     except tomllib.TOMLDecodeError as e:
         raise _fail(path, f"malformed TOML: {e}") from e
     for key in ("stage", "max_length", "trainable", "datasets", "train"):
         if key not in raw:
             raise _fail(path, f"missing required key {key!r}")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise _fail(path, f"unknown key(s) {unknown}; valid: {', '.join(TOP_KEYS)}")
     template = raw.get("template", "auto")
     if template not in TEMPLATES:
         raise _fail(path, f"template must be one of {list(TEMPLATES)}, got {template!r}")
-    mixes = []
-    for i, d in enumerate(raw["datasets"]):
-        name = d.get("name")
-        if name not in registry:
-            raise _fail(path, f"datasets[{i}]: unknown dataset {name!r} (not in the registry)")
-        weight = float(d.get("weight", 1.0))
-        if weight <= 0:
-            raise _fail(path, f"datasets[{i}] ({name}): weight must be > 0")
-        mixes.append(DatasetMix(name, weight, d.get("caption_template")))
+    if not isinstance(raw["datasets"], list) or not raw["datasets"]:
+        raise _fail(path, "datasets must be a non-empty list of [[datasets]] tables")
+    mixes = [_mix(path, i, d, registry) for i, d in enumerate(raw["datasets"])]
+    seen: set[str] = set()
+    for i, m in enumerate(mixes):
+        if m.name in seen:
+            raise _fail(path, f"datasets[{i}] ({m.name}): listed twice (give one entry a weight instead)")
+        seen.add(m.name)
+    trainable = raw["trainable"]
+    if not isinstance(trainable, list) or not all(isinstance(t, str) for t in trainable):
+        raise _fail(path, f"trainable must be a list of module names, got {trainable!r}")
+    for section in ("train", "model"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise _fail(path, f"{section} must be a table ([{section}])")
     if "lr" not in raw["train"]:
         raise _fail(path, "train.lr is required")
     deepspeed = raw.get("deepspeed", "zero2.json")
-    if not (path.parent / deepspeed).exists():
-        raise _fail(path, f"DeepSpeed config {deepspeed!r} not found beside the recipe")
+    if not isinstance(deepspeed, str) or find_deepspeed(path, deepspeed) is None:
+        raise _fail(path, f"DeepSpeed config {deepspeed!r} found neither beside the recipe nor shipped")
     return StageRecipe(
-        stage=int(raw["stage"]),
+        stage=_positive_int(path, raw, "stage", 0),
         path=path,
         datasets=tuple(mixes),
         template=template,
-        max_length=int(raw["max_length"]),
+        max_length=_positive_int(path, raw, "max_length", 0),
         image_size=_positive_int(path, raw, "image_size", DEFAULT_IMAGE_SIZE),
-        max_images_per_pack=int(raw.get("max_images_per_pack", 32)),
-        trainable=tuple(raw["trainable"]),
+        max_images_per_pack=_positive_int(path, raw, "max_images_per_pack", 32),
+        trainable=tuple(trainable),
         deepspeed=deepspeed,
         model=dict(raw.get("model", {})),
         train=dict(raw["train"]),

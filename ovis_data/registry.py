@@ -103,6 +103,15 @@ def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
     return {name: _parse_entry(source, name, entry) for name, entry in raw.items()}
 
 
+def recipe_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:
+    """What a recipe's dataset names resolve against: the shipped datasets extended by a user's
+    dataset_info.json (an entry of the same name replaces the shipped one), so a recipe can mix both."""
+    registry = load_registry()
+    if path is not None:
+        registry.update(load_registry(path))
+    return registry
+
+
 def select(registry: dict[str, DatasetSpec], names: list[str] | None) -> list[DatasetSpec]:
     """The named datasets (all when none named); an unknown name is an error listing the known ones."""
     if not names:

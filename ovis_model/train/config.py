@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ovis_data.recipes import StageRecipe
+from ovis_data.recipes import StageRecipe, find_deepspeed
 
 from ..trainable import TRAINABLE_NAMES
 
@@ -138,9 +138,11 @@ class TrainConfig:
             raise ConfigError(
                 f"{where}: trainable names unknown module(s) {unknown}; valid: {', '.join(TRAINABLE_NAMES)}"
             )
-        ds_path = recipe.path.parent / str(top["deepspeed"])
-        if not ds_path.is_file():
-            raise ConfigError(f"{where}: DeepSpeed config {ds_path} not found")
+        ds_path = find_deepspeed(recipe.path, str(top["deepspeed"]))  # beside the recipe, else shipped
+        if ds_path is None:
+            raise ConfigError(
+                f"{where}: DeepSpeed config {top['deepspeed']!r} found neither beside the recipe nor shipped"
+            )
         return cls(
             stage=recipe.stage,
             recipe=where,

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ovis_data.errors import OvisDataError
-from ovis_data.recipes import load_recipe
-from ovis_data.registry import load_registry
+from ovis_data.recipes import select_recipe
 
 from ..trainable import select_trainable
 from .config import ConfigError, StepPlan, TrainConfig, deepspeed_config, plan_steps
@@ -62,11 +61,8 @@ class Prepared:
 
 def prepare(args: RunArgs) -> Prepared:
     """Recipe, overrides, data folder and starting model located and checked; nothing loaded yet."""
-    if (args.stage is None) == (args.recipe is None):
-        raise TrainError("give exactly one of --stage N (a shipped recipe) or --recipe FILE")
     try:
-        registry = load_registry(args.dataset_info)
-        recipe = load_recipe(args.stage if args.recipe is None else args.recipe, registry)
+        recipe, _ = select_recipe(args.stage, args.recipe, args.dataset_info)
     except OvisDataError as e:
         raise TrainError(str(e)) from e
     overrides = list(args.overrides)
