@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from aiohttp import web
 from PIL import Image
 from test_fetch_support import FAST_NET, FaultServer, closed_port, make_image, write_url_list
+from yarl import URL
 
 from ovis_data.fetch import FetchOptions, fetch_url_list, open_url_list, serve_app
-from ovis_data.fetch.net import opted_out
+from ovis_data.fetch import net as net_module
+from ovis_data.fetch.net import Downloader, opted_out
+from ovis_data.fetch.safety import check_url
 from ovis_data.imagestore import ImageStore
 
 IMAGES = {
@@ -123,3 +128,69 @@ def test_opt_out_header_parsing() -> None:
     assert opted_out(["noai"]) and opted_out(["noindex, nofollow"]) and opted_out(["NoImageAI"])
     assert opted_out(["ovis-data: noimageindex"])
     assert not opted_out(["otherbot: noai"]) and not opted_out(["nofollow"]) and not opted_out([])
+
+
+PRIVATE_SPELLINGS = [
+    "http://2130706433/x.jpg",  # decimal
+    "http://0x7F000001/x.jpg",  # one hex number
+    "http://127.1/x.jpg",  # short
+    "http://0177.0.0.1/x.jpg",  # octal
+    "http://0x7f.1/x.jpg",  # hex, short
+    "http://127.0.0.1./x.jpg",  # trailing dot
+    "http://%31%32%37.0.0.1/x.jpg",  # percent-encoded
+    "http://10.1/x.jpg",  # a private network, short
+    "http://0/x.jpg",
+    "http://[::ffff:127.0.0.1]/x.jpg",  # IPv4-mapped
+    "http://[::127.0.0.1]/x.jpg",  # IPv4-compatible
+    "http://[64:ff9b::7f00:1]/x.jpg",  # NAT64
+    "http://[64:ff9b::a00:1]/x.jpg",  # NAT64 of 10.0.0.1
+    "http://[2002:7f00:1::]/x.jpg",  # 6to4
+    "http://[fe80::1%25eth0]/x.jpg",  # link-local with a zone
+]
+
+
+@pytest.mark.parametrize("url", PRIVATE_SPELLINGS)
+def test_every_literal_spelling_of_a_private_address_is_refused(url: str) -> None:
+    assert check_url(URL(url), allow_private=False) == "private_address"
+    assert check_url(URL(url), allow_private=True) is None
+
+
+@pytest.mark.parametrize(
+    "url", ["http://8.8.8.8/x", "http://[::ffff:8.8.8.8]/x", "http://[64:ff9b::808:808]/x", "http://a.com/x"]
+)
+def test_public_addresses_and_names_pass_the_literal_check(url: str) -> None:
+    assert check_url(URL(url), allow_private=False) is None
+
+
+def test_private_spellings_are_refused_on_every_redirect_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test server is on 127.0.0.1, which the guard would refuse: only that exact spelling is let
+    through here, so each redirect to another spelling must be refused before connecting."""
+    real = net_module.check_url
+    monkeypatch.setattr(
+        net_module, "check_url", lambda url, allow: None if url.raw_host == "127.0.0.1" else real(url, allow)
+    )
+    server = FaultServer(IMAGES)
+    app = server.app()
+
+    async def to(request: web.Request) -> web.Response:
+        raise web.HTTPFound(request.query["u"])
+
+    app.router.add_get("/to", to)
+    targets = [u.replace("/x.jpg", "/img/a.jpg") for u in PRIVATE_SPELLINGS]
+
+    async def run(base: str) -> list[str]:
+        port = base.rsplit(":", 1)[1]
+        net = replace(FAST_NET, allow_private=False)
+        async with Downloader(net) as dl:
+            ok = await dl.fetch(f"{base}/redirect/2/a.jpg")
+            assert ok.status == "success", ok
+            out = []
+            for t in targets:
+                hop = URL(t).with_port(int(port))  # where the server is, were it not refused
+                out.append((await dl.fetch(str(URL(f"{base}/to").with_query(u=str(hop))))).status)
+            return out
+
+    with serve_app(app) as base:
+        statuses = asyncio.run(run(base))
+    assert statuses == ["private_address"] * len(targets)
+    assert server.hits["/img/a.jpg"] == 1  # only the allowed hop ever reached the image
