@@ -178,3 +178,28 @@ def load_recipe(stage_or_path: int | str | Path, registry: dict[str, DatasetSpec
         train=dict(raw["train"]),
         visual_tokens=_positive_int(path, raw, "visual_tokens", DEFAULT_VISUAL_TOKENS),
     )
+
+
+def describe_recipe(recipe: StageRecipe) -> list[tuple[str, str]]:
+    """What a recipe makes `ovis-data pack` and `ovis-train` use, as (what, value) lines."""
+    n = recipe.stage
+    ds = recipe.deepspeed_path()
+    where = "beside the recipe" if ds.parent == recipe.path.parent else "shipped"
+    init = recipe.model.get("init", "previous")
+    start = (
+        "a base LLM and ViT (--llm, --vit)"
+        if init == "parts"
+        else f"a model folder (--init DIR, default RUN/stage{n - 1}/model)"
+    )
+    return [
+        ("recipe", str(recipe.path)),
+        ("stage", f"{n}: packs into OUT/stage{n}, trains into RUN/stage{n}"),
+        ("starts from", start),
+        ("trainable", ", ".join(recipe.trainable)),
+        ("chat template", recipe.template),
+        ("max length", f"{recipe.max_length} tokens per packed sequence"),
+        ("images", f"{recipe.image_size} px longer side, {recipe.visual_tokens} visual tokens each, "
+                   f"at most {recipe.max_images_per_pack} per sequence"),
+        ("DeepSpeed", f"{ds} ({where})"),
+        ("train", ", ".join(f"{k}={v}" for k, v in recipe.train.items())),
+    ]  # fmt: skip

@@ -17,5 +17,18 @@ RootOption = Annotated[
 ]
 InfoOption = Annotated[
     Path | None,
-    typer.Option("--dataset-info", help="Your own dataset_info.json instead of the shipped 19 datasets."),
+    typer.Option(
+        "--dataset-info",
+        metavar="FILE",
+        help="Your own dataset_info.json instead of the shipped 19 datasets; a recipe's datasets "
+        "(--recipe, pack --stage) are looked up in both, yours first.",
+    ),
+]
+RecipeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--recipe",
+        metavar="FILE",
+        help="Your own recipe (datasets, weights, lengths, training) instead of --stage N's shipped one.",
+    ),
 ]

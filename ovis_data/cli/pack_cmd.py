@@ -12,16 +12,19 @@ from rich.table import Table
 
 from ..inspect import inspect_record, render_rich
 from ..pack import PACKS_PER_SHARD, pack_stage
-from ..registry import load_registry
+from ..recipes import select_recipe
 from .app import app
-from .common import InfoOption, RootOption, console
+from .common import InfoOption, RecipeOption, RootOption, console
 
 
 @app.command("pack")
 def pack(
-    stage: Annotated[int, typer.Option("--stage", help="Stage to pack (its recipe pipelines/stageN.toml).")],
     tokenizer: Annotated[Path, typer.Option(help="Directory of the LLM's (fast) tokenizer.")],
     out: Annotated[Path, typer.Option(help="Output folder; shards go to OUT/stageN/.")],
+    stage: Annotated[
+        int | None, typer.Option("--stage", help="Stage to pack (its recipe pipelines/stageN.toml).")
+    ] = None,
+    recipe: RecipeOption = None,
     root: RootOption = None,
     max_length: Annotated[
         int | None, typer.Option(help="Tokens per packed sequence (default: the recipe's max_length).")
@@ -52,7 +55,11 @@ def pack(
     inputs and seed give byte-identical shards whatever --processes.
 
     Example: ovis-data pack --stage 3 --root /data/ovis --tokenizer /models/Qwen2.5-7B --out /data/packed
+
+    Your own datasets: ovis-data pack --recipe my_recipe.toml --dataset-info my_info.json ... (the recipe's
+    `stage` names the folder: OUT/stageN)
     """
+    chosen, registry = select_recipe(stage, recipe, dataset_info)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -69,7 +76,7 @@ def pack(
             bar.update(tasks[phase], completed=done, total=total)
 
         manifest = pack_stage(
-            stage,
+            chosen,
             root,
             tokenizer,
             out,
@@ -80,7 +87,7 @@ def pack(
             image_size=image_size,
             packs_per_shard=packs_per_shard,
             overwrite=overwrite,
-            registry=load_registry(dataset_info),
+            registry=registry,
             progress=on_progress,
         )
     n = manifest["stage"]

@@ -9,11 +9,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..imagecheck import DEFAULT_MAX_PIXELS, ImageLimits
+from ..recipes import select_recipe
 from ..registry import load_registry, resolve_root, select
 from ..report import summary_table, write_report
 from ..validate import validate_dataset
 from .app import app
-from .common import InfoOption, RootOption, console
+from .common import InfoOption, RecipeOption, RootOption, console
 
 
 @app.command("validate")
@@ -21,6 +22,7 @@ def validate(
     names: Annotated[list[str] | None, typer.Argument(help="Datasets to check (default: all).")] = None,
     root: RootOption = None,
     stage: Annotated[int | None, typer.Option(help="Only the datasets of this stage (1, 2 or 3).")] = None,
+    recipe: RecipeOption = None,
     report: Annotated[
         Path | None, typer.Option(help="Write a JSON report of counts and bad samples.")
     ] = None,
@@ -52,13 +54,21 @@ def validate(
     good, 1 when some are bad (catalogs still written), 2 for usage or configuration errors.
 
     Example: ovis-data validate llava-finetune-665k --root /data/ovis --report bad.json
+
+    Your own datasets: ovis-data validate --recipe my_recipe.toml --dataset-info my_info.json --root ROOT
     """
     if deep and meta_only:
         raise typer.BadParameter("--deep and --meta-only exclude each other")
-    registry = load_registry(dataset_info)
-    specs = select(registry, names)
-    if stage is not None:
-        specs = [s for s in specs if s.stage == stage]
+    if recipe is not None:
+        if names or stage is not None:
+            raise typer.BadParameter("--recipe validates the datasets it names: give no names or --stage")
+        chosen, registry = select_recipe(None, recipe, dataset_info)
+        specs = [registry[m.name] for m in chosen.datasets]
+    else:
+        registry = load_registry(dataset_info)
+        specs = select(registry, names)
+        if stage is not None:
+            specs = [s for s in specs if s.stage == stage]
     base = resolve_root(root)
     mode = "meta" if meta_only else ("deep" if deep else "header")
     limits = ImageLimits(max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)

@@ -18,9 +18,14 @@ def train_command(
     ],
     out: Annotated[Path, typer.Option("--out", help="Run folder: this stage writes RUN/stageN/.")],
     stage: Annotated[
-        int | None, typer.Option("--stage", help="Train with the shipped recipe stageN.")
+        int | None, typer.Option("--stage", help="Train with the shipped recipe pipelines/stageN.toml.")
     ] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="Train with your own recipe file.")] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe", metavar="FILE", help="Train with your own recipe (its `stage` names RUN/stageN)."
+        ),
+    ] = None,
     llm: Annotated[
         Path | None, typer.Option("--llm", help="Base LLM folder (stage 1).", metavar="DIR")
     ] = None,
@@ -53,7 +58,12 @@ def train_command(
         ),
     ] = None,
     dataset_info: Annotated[
-        Path | None, typer.Option("--dataset-info", help="Your own dataset_info.json (for --recipe).")
+        Path | None,
+        typer.Option(
+            "--dataset-info",
+            metavar="FILE",
+            help="Your own dataset_info.json: a recipe's datasets are looked up in it, then the shipped.",
+        ),
     ] = None,
     local_rank: Annotated[int | None, typer.Option("--local_rank", hidden=True)] = None,  # deepspeed launcher
 ) -> None:
@@ -67,6 +77,9 @@ def train_command(
     --vit /models/clip-vit-large-patch14-336
 
     On 8 GPUs: torchrun --nproc_per_node 8 -m ovis_model.train --stage 3 --data /data/packed --out /runs/ovis
+
+    Your own datasets (docs/own-datasets.md): ovis-train --recipe my_recipe.toml --dataset-info my_info.json
+    --data /data/packed --out /runs/mine --init /runs/ovis/stage3/model
     """
     from .loop import train
     from .setup import RunArgs, TrainError
