@@ -2,11 +2,15 @@
 
 Columns: dataset, row (0-based row in the meta file), id (original, or '<dataset>-<row>'), images
 (list of paths under image_dir, in placeholder order), roles/texts (conversation) or caption, and
-widths/heights of the images (null when only the meta file was checked).
+widths/heights of the images (null when only the meta file was checked). The parquet metadata records
+how deeply images were checked (`ovis_check`) and what the catalog was made from (`ovis_source`: the meta
+file's path, size, mtime and sha256, and the image store's layout, image count and names hash).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,3 +68,44 @@ def catalog_check_mode(path: Path) -> str | None:
     meta = pq.read_schema(path).metadata or {}
     value = meta.get(b"ovis_check")
     return value.decode() if value else None
+
+
+def meta_file_identity(path: Path) -> dict:
+    """What a catalog records of the meta file it was made from: size, mtime and a content hash."""
+    st = Path(path).stat()
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+
+
+def catalog_source(path: Path) -> dict | None:
+    """The `ovis_source` a catalog was written with (None for catalogs of older versions)."""
+    value = (pq.read_schema(path).metadata or {}).get(b"ovis_source")
+    return json.loads(value) if value else None
+
+
+def check_catalog_current(path: Path, name: str, meta_path: Path) -> None:
+    """Refuse a catalog whose meta file changed since validate wrote it (or that does not say).
+
+    Same size and mtime: unchanged; same size, other mtime: the content hash decides (a copy or a touch
+    is not a change).
+    """
+    rerun = f"re-run `ovis-data validate {name}`"
+    source = catalog_source(path)
+    recorded = (source or {}).get("meta_file")
+    if not recorded:
+        raise OvisDataError(
+            f"{path}: catalog of {name!r} does not record its meta file (older version): {rerun}"
+        )
+    meta_path = Path(meta_path)
+    if not meta_path.is_file():
+        raise OvisDataError(f"{path}: the meta file of {name!r} is gone ({meta_path}): {rerun}")
+    st = meta_path.stat()
+    same = st.st_size == recorded["size"] and (
+        st.st_mtime_ns == recorded["mtime_ns"]
+        or meta_file_identity(meta_path)["sha256"] == recorded["sha256"]
+    )
+    if not same:
+        raise OvisDataError(
+            f"{path}: catalog of {name!r} is stale: {meta_path} changed since it was validated: {rerun}"
+        )

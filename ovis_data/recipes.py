@@ -136,12 +136,12 @@ def load_recipe(stage_or_path: int | str | Path, registry: dict[str, DatasetSpec
         raise _fail(path, "is a directory, not a recipe file") from e
     except tomllib.TOMLDecodeError as e:
         raise _fail(path, f"malformed TOML: {e}") from e
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:  # first: a misspelt required key is reported as the typo it is
+        raise _fail(path, f"unknown key(s) {unknown}; valid: {', '.join(TOP_KEYS)}")
     for key in ("stage", "max_length", "trainable", "datasets", "train"):
         if key not in raw:
             raise _fail(path, f"missing required key {key!r}")
-    unknown = sorted(set(raw) - set(TOP_KEYS))
-    if unknown:
-        raise _fail(path, f"unknown key(s) {unknown}; valid: {', '.join(TOP_KEYS)}")
     template = raw.get("template", "auto")
     if template not in TEMPLATES:
         raise _fail(path, f"template must be one of {list(TEMPLATES)}, got {template!r}")

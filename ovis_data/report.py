@@ -27,7 +27,7 @@ def write_report(path: Path, results: list[DatasetResult], root: Path, catalog_o
         first = True
         for r in results:
             rej = rejected_path(root, r.name, catalog_out)
-            if r.error and r.error.startswith("meta_file_missing") or not rej.exists():
+            if not r.catalog_written or not rej.exists():  # an earlier run's rejects are not this run's
                 continue
             for batch in pq.ParquetFile(rej).iter_batches(batch_size=65536):
                 for row in batch.to_pylist():

@@ -175,8 +175,13 @@ def render_caption(caption: str | None, template: str = DEFAULT_CAPTION_TEMPLATE
     stripped of surrounding white space (as the later release did)."""
     if template.count(IMAGE_MARK) != 1:
         raise OvisDataError(f"caption template {template!r} must contain exactly one {IMAGE_MARK!r}")
-    cleaned = (caption or "").replace(IMAGE_MARK, "").strip()
-    return [Turn(template), Turn(cleaned, "", False)]
+    return [Turn(template), Turn(clean_caption(caption), "", False)]
+
+
+def clean_caption(caption: str | None) -> str:
+    """The caption text that is trained on: a literal `<image>` removed, surrounding white space stripped.
+    Validate rejects a caption this leaves empty (`empty_caption`) by calling this very function."""
+    return (caption or "").replace(IMAGE_MARK, "").strip()
 
 
 def tokenizer_name(tokenizer: Any) -> str:

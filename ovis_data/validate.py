@@ -7,6 +7,7 @@ decodes run in worker processes over the unique image paths only.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,10 +16,10 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from .catalog import CATALOG_SCHEMA, catalog_dir, catalog_path, rejected_path
+from .catalog import CATALOG_SCHEMA, catalog_dir, catalog_path, meta_file_identity, rejected_path
 from .imagecheck import ImageLimits, check_images
 from .imagestore import ImageStore, load_index
-from .metafile import load_meta
+from .metafile import MetaFileError, load_meta
 from .registry import DatasetSpec
 
 MODES = ("meta", "header", "deep")
@@ -32,7 +33,8 @@ class DatasetResult:
     total: int = 0
     good: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
-    error: str | None = None  # dataset-level problem (meta file or image_dir missing)
+    error: str | None = None  # dataset-level problem: "reason: file: detail" (meta file, image_dir)
+    catalog_written: bool = False  # False when the meta file was unusable: catalogs left as they were
 
     @property
     def bad(self) -> int:
@@ -72,11 +74,17 @@ FROM u
 """
 
 
-def _mark_paths(con: duckdb.DuckDBPyConnection, store: ImageStore) -> None:
-    """Reason for each image that escapes image_dir or is absent (existence as one join)."""
+def _mark_paths(con: duckdb.DuckDBPyConnection, store: ImageStore) -> dict:
+    """Reason for each image that escapes image_dir or is absent (existence as one join). Returns the
+    identity of the store as checked: layout, number of images, an order-free hash of their names."""
     con.execute(_PATH_SQL)
     con.execute("UPDATE img SET reason = 'unsafe_path', detail = unsafe WHERE unsafe IS NOT NULL")
     con.register("files", store.listing())
+    n, names = con.execute(
+        "SELECT count(*), coalesce(bit_xor(md5_number_lower(image_path)), 0) FROM files"
+    ).fetchall()[0]
+    identity = {"path": str(store.image_dir), "layout": store.layout, "images": n}
+    identity["names_hash"] = f"{names:016x}"
     con.execute(
         """UPDATE img SET reason = CASE WHEN f.linked_out THEN 'unsafe_path' ELSE NULL END,
              detail = CASE WHEN f.linked_out THEN 'symbolic link out of image_dir' ELSE NULL END
@@ -87,6 +95,7 @@ def _mark_paths(con: duckdb.DuckDBPyConnection, store: ImageStore) -> None:
            WHERE reason IS NULL AND path NOT IN (SELECT image_path FROM files)"""
     )
     con.unregister("files")
+    return identity
 
 
 def _check_headers(
@@ -179,9 +188,11 @@ def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def _write_outputs(
-    con: duckdb.DuckDBPyConnection, spec: DatasetSpec, root: Path, out: Path | None, mode: str
+    con: duckdb.DuckDBPyConnection, spec: DatasetSpec, root: Path, out: Path | None, mode: str, source: dict
 ) -> None:
-    """Catalog and rejected rows, each written to a temporary name then renamed (never half a file).
+    """Catalog and rejected rows, both written to temporary names and only then renamed: a run that
+    fails leaves the pair as it was, never half a file nor a catalog beside another run's rejects.
+    Both record `source` (the meta file and image store they were made from) for pack's staleness check.
 
     Sizes were folded into `meta` by UPDATE, so the output is a scan and one sort: no join.
     """
@@ -199,13 +210,22 @@ def _write_outputs(
                WHERE reason IS NOT NULL ORDER BY row""",
         ),
     ]
-    for path, query in targets:
-        tmp = path.with_name(f".{path.name}.tmp")
-        target = str(tmp).replace("'", "''")
-        con.execute(
-            f"COPY ({query}) TO '{target}' (FORMAT parquet, KV_METADATA {{ovis_check: '{mode}'}})",
-            {"dataset": spec.name},
-        )
+    done = []
+    try:
+        for path, query in targets:
+            tmp = path.with_name(f".{path.name}.tmp")
+            done.append((tmp, path))
+            target = str(tmp).replace("'", "''")
+            con.execute(
+                f"COPY ({query}) TO '{target}' (FORMAT parquet, KV_METADATA "
+                "{ovis_check: $mode, ovis_source: $source})",
+                {"dataset": spec.name, "mode": mode, "source": json.dumps(source, sort_keys=True)},
+            )
+    except BaseException:
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, path in done:
         os.replace(tmp, path)
 
 
@@ -229,7 +249,13 @@ def validate_dataset(
         return result
     con = _connect()
     try:
-        result.total = load_meta(con, spec, meta_path)
+        # Taken before reading: a file changed while it is read is then stale, never trusted.
+        source: dict = {"meta_file": meta_file_identity(meta_path), "image_store": None}
+        try:
+            result.total = load_meta(con, spec, meta_path)
+        except MetaFileError as e:
+            result.error = f"{e.reason}: {e.path}: {e.detail}"
+            return result
         # Text-only samples have no sizes to learn: an empty list; otherwise null until images are read.
         con.execute(
             """ALTER TABLE meta ADD COLUMN widths INTEGER[];
@@ -247,11 +273,12 @@ def validate_dataset(
             )
         elif image_dir is not None:
             store = ImageStore(image_dir)
-            _mark_paths(con, store)
+            source["image_store"] = _mark_paths(con, store)
             if mode != "meta":
                 _check_headers(con, spec, store, mode == "deep", limits, processes, progress)
             _fold_images_into_samples(con, with_sizes=mode != "meta")
-        _write_outputs(con, spec, root, catalog_out, mode)
+        _write_outputs(con, spec, root, catalog_out, mode, source)
+        result.catalog_written = True
         rows = con.execute(
             "SELECT reason, count(*) FROM meta WHERE reason IS NOT NULL GROUP BY 1 ORDER BY 2 DESC, 1"
         ).fetchall()

@@ -70,9 +70,12 @@ def test_validate_usage_errors_exit_2(demo_root: Path, tmp_path: Path):
     shutil.copytree(demo_root / "meta_files", root / "meta_files")
     meta = root / "meta_files" / "geo-177k.json"
     meta.write_text('[\n  {"id": "x", "conversations": [\n    {"from": "human" "value": "hi"}]}\n]')
-    broken = run_cli("validate", "geo-177k", "--root", str(root))
-    assert broken.returncode == 2
-    assert "geo-177k.json" in broken.stderr and "line 3 column" in broken.stderr
+    broken = run_cli("validate", "geo-177k", "--root", str(root), "--report", str(tmp_path / "r.json"))
+    assert broken.returncode == 1, broken.stdout + broken.stderr  # reported for its dataset, not a crash
+    error = json.loads((tmp_path / "r.json").read_text())["datasets"]["geo-177k"]["error"]
+    assert error.startswith("meta_file_malformed: ") and "geo-177k.json" in error and "line 3 column" in error
+    assert "meta_file_malformed" in broken.stdout
+    assert run_cli("validate", "--stage", "5", "--root", str(root)).returncode == 2  # as pack --stage 4
 
 
 def test_root_from_environment_and_own_dataset_info(tmp_path: Path):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from ovis_data.errors import OvisDataError
-from ovis_data.recipes import load_recipe
+from ovis_data.recipes import load_recipe, recipe_path, select_recipe
 from ovis_data.registry import load_registry, resolve_root, select
 
 # OVIS_V1.md section 1, in order: name, meta_file, image_dir, format, stage.
@@ -153,4 +153,63 @@ def test_recipe_naming_an_unknown_dataset_is_an_error(tmp_path: Path):
     )
     (tmp_path / "zero3.json").write_text("{}")
     with pytest.raises(OvisDataError, match="not-a-dataset"):
+        load_recipe(recipe, load_registry())
+
+
+def _own(tmp_path: Path, datasets: str, top: str = "", deepspeed: str = "zero3.json") -> Path:
+    recipe = tmp_path / "my_recipe.toml"
+    recipe.write_text(
+        f'stage = 4\nmax_length = 256\ntrainable = ["all"]\ndeepspeed = "{deepspeed}"\n{top}'
+        f"[train]\nlr = 1e-5\n{datasets}"
+    )
+    return recipe
+
+
+def test_own_recipe_mixes_own_and_shipped_datasets_and_finds_its_deepspeed_config(tmp_path: Path):
+    info = tmp_path / "my_info.json"
+    own = {"meta_file": "mine.jsonl", "image_dir": "mine", "data_format": "caption", "stage": 1}
+    moved = {"meta_file": "geo.json", "image_dir": "elsewhere", "data_format": "conversation", "stage": 3}
+    info.write_text(json.dumps({"my-captions": own, "geo-177k": moved}))
+    datasets = '[[datasets]]\nname = "my-captions"\nweight = 0.5\n[[datasets]]\nname = "geo-177k"\n'
+    recipe, registry = select_recipe(None, _own(tmp_path, datasets), info)
+    assert recipe.stage == 4
+    assert [(m.name, m.weight) for m in recipe.datasets] == [("my-captions", 0.5), ("geo-177k", 1.0)]
+    assert registry["geo-177k"].image_dir == "elsewhere"  # the user's entry replaces the shipped one
+    assert "coyo-10m" in registry  # the rest of the shipped registry stays
+    assert recipe.deepspeed_path() == recipe_path(3).parent / "zero3.json"  # the shipped fallback
+    (tmp_path / "zero3.json").write_text('{"zero_optimization": {"stage": 3}}')
+    assert recipe.deepspeed_path() == tmp_path / "zero3.json"  # beside the recipe wins
+    with pytest.raises(OvisDataError, match="unknown dataset 'my-captions'"):
+        select_recipe(None, recipe.path, None)  # without --dataset-info
+    with pytest.raises(OvisDataError, match="exclude each other"):
+        select_recipe(3, recipe.path, info)
+    with pytest.raises(OvisDataError, match="--stage N .* or --recipe FILE"):
+        select_recipe(None, None, info)
+    assert select_recipe(3, None, info)[0].stage == 3  # --stage N: the shipped recipe, own entries added
+
+
+GEO = '[[datasets]]\nname = "geo-177k"\n'
+
+
+@pytest.mark.parametrize(
+    ("datasets", "top", "deepspeed", "reason"),
+    [
+        (GEO, "max_lenght = 9\n", "zero3.json", r"unknown key\(s\) \['max_lenght'\]"),
+        (GEO + "wieght = 2\n", "", "zero3.json", r"datasets\[0\]: unknown key\(s\) \['wieght'\]"),
+        (GEO + GEO, "", "zero3.json", r"datasets\[1\] \(geo-177k\): listed twice"),
+        (GEO + 'caption_template = "<image> "\n', "", "zero3.json", "only applies to caption datasets"),
+        ('[[datasets]]\nname = "coyo-10m"\ncaption_template = "x"\n', "", "zero3.json", "one '<image>'"),
+        (GEO + "weight = 0\n", "", "zero3.json", r"\(geo-177k\): weight must be a number > 0"),
+        (GEO, "", "zero9.json", "'zero9.json' found neither beside the recipe nor shipped"),
+        ("", "datasets = []\n", "zero3.json", "datasets must be a non-empty list"),
+        (GEO, "stage = 0\n", "zero3.json", "stage must be a positive integer"),
+    ],
+)
+def test_own_recipe_mistakes_name_the_file_and_entry(
+    tmp_path: Path, datasets: str, top: str, deepspeed: str, reason: str
+):
+    recipe = _own(tmp_path, datasets, top, deepspeed)
+    if top.startswith("stage"):  # replace, not repeat, the key
+        recipe.write_text(recipe.read_text().replace("stage = 4\n", "", 1))
+    with pytest.raises(OvisDataError, match=rf"my_recipe\.toml: .*{reason}"):
         load_recipe(recipe, load_registry())

@@ -5,19 +5,21 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from ovis_data.catalog import read_catalog, rejected_path
-from ovis_data.errors import OvisDataError
 from ovis_data.imagecheck import ImageLimits
 from ovis_data.imagestore import ImageStore, build_index
 from ovis_data.registry import load_registry
+from ovis_data.templates import clean_caption
 from ovis_data.validate import validate_dataset
 
 
@@ -110,7 +112,13 @@ CONV_ROWS = [
     ({"id": 17, "image": ["link_in.jpg"], "conversations": [human("<image>"), gpt("ok")]}, None),
     ({"id": "t1", "conversations": [human("Hi"), gpt("Hello")]}, None),
     ({"id": "numval", "conversations": [human("hi"), gpt(42)]}, None),  # a number is read as its text
-    ({"id": "turnnum", "conversations": [human("hi"), 5]}, "missing_field"),
+    ({"id": "turnnum", "conversations": [human("hi"), 5]}, "bad_type"),  # a turn must be an object
+    ({"id": "turnstr", "conversations": ["hi", gpt("x")]}, "bad_type"),
+    ({"id": "convobj", "conversations": {"from": "human", "value": "x"}}, "bad_type"),
+    ({"id": "vlist", "conversations": [human("hi"), gpt(["stop", "second part"])]}, "bad_type"),
+    ({"id": "vobj", "conversations": [human("hi"), gpt({"text": "x"})]}, "bad_type"),
+    ({"id": "vnull", "conversations": [human("hi"), gpt(None)]}, "bad_type"),
+    ({"id": "vbool", "conversations": [human(True), gpt("x")]}, "bad_type"),
     ({"id": "nofield", "image": "a.jpg"}, "missing_field"),
     (
         {"id": "noval", "image": "a.jpg", "conversations": [human("<image>"), {"from": "gpt"}]},
@@ -279,12 +287,133 @@ def test_missing_meta_file_or_image_dir_is_reported_per_dataset(root_info):
     assert nodir.by_reason == {"image_dir_missing": 1} and nodir.good == 1  # the text-only sample is fine
 
 
-def test_malformed_json_names_file_and_position(root_info):
+BROKEN_META = [
+    # (file name, content, reason, detail pattern)
+    (
+        "conv.json",
+        '[\n {"id": "a", "conversations": []},\n {"id": "b",, }\n]',
+        "meta_file_malformed",
+        r"malformed JSON list: line 3 column 13: Expecting property name",
+    ),
+    (
+        "conv.jsonl",
+        '{"id": "a", "conversations": []}\n\n{"id": "b" "x": 1}\n',
+        "meta_file_malformed",
+        r"malformed JSON lines: line 3 column 12: Expecting ',' delimiter",
+    ),
+    ("conv.json", "[1, 2.5, 3]", "meta_file_malformed", r"none of its 3 entries is an object with any of"),
+    ("conv.json", '{"a": {"id": "x"}, "b": {"id": "y"}}', "meta_file_malformed", r"none of its 1 entries"),
+    ("conv.json", "", "meta_file_empty", r"the file is empty \(0 bytes\)"),
+    ("conv.json", " [ ] \n", "meta_file_empty", r"the file holds no samples"),
+    ("conv.parquet", b"PAR1 not really", "meta_file_malformed", r"not a readable parquet file"),
+    (
+        "conv.parquet",
+        {"id": ["a"], "text": ["hi"]},
+        "meta_file_malformed",
+        r"parquet lacks column\(s\) conversations \(has: id, text\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "reason", "detail"), BROKEN_META)
+def test_an_unusable_meta_file_is_reported_for_its_dataset_only(
+    tmp_path: Path, name, content, reason, detail
+):
+    root, info_path = make_root(tmp_path)
+    write_meta(root)
+    info = json.loads(info_path.read_text())
+    info["conv"]["meta_file"] = name
+    info_path.write_text(json.dumps(info))
+    reg = load_registry(info_path)
+    validate_dataset(reg["conv"], root, mode="meta")  # an earlier good run's catalogs
+    before = {p.name: p.read_bytes() for p in (root / "catalogs").glob("conv*")}
+    path = root / "meta_files" / name
+    if isinstance(content, dict):
+        pq.write_table(pa.table(content), path)
+    else:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    res = validate_dataset(reg["conv"], root, mode="meta")
+    assert res.error is not None and res.error.startswith(f"{reason}: {path}: ")
+    assert re.search(detail, res.error), res.error
+    assert "duckdb" not in res.error.lower() and "Error" not in res.error
+    assert not res.catalog_written and (res.total, res.good) == (0, 0)
+    # the dataset's catalogs are left as they were; other datasets validate as usual
+    assert {p.name: p.read_bytes() for p in (root / "catalogs").glob("conv*")} == before
+    lines = validate_dataset(reg["lines"], root, mode="meta")
+    assert lines.error is None and lines.good == 4 and read_catalog(root, "lines").num_rows == 4
+
+
+def test_validate_goes_on_past_a_broken_meta_file_and_exits_1(tmp_path: Path):
+    root, info = make_root(tmp_path)
+    write_meta(root)
+    (root / "meta_files" / "conv.json").write_text("[{]")
+    report = tmp_path / "r.json"
+    args = ["validate", "conv", "lines", "--root", str(root), "--dataset-info", str(info), "--meta-only"]
+    out = run_cli(*args, "--report", str(report))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    data = json.loads(report.read_text())
+    assert data["datasets"]["conv"]["error"].startswith("meta_file_malformed: ")
+    assert "line 1 column 3" in data["datasets"]["conv"]["error"]
+    assert data["datasets"]["lines"]["good"] == 4 and read_catalog(root, "lines").num_rows == 4
+    assert not (root / "catalogs" / "conv.parquet").exists()
+    assert run_cli(*args[:3], "--stage", "5", *args[3:]).returncode == 2  # a stage that does not exist
+
+
+def test_samples_that_are_not_objects_are_bad_samples(tmp_path: Path):
+    """Among the samples of a JSON list or JSON-lines file, a number, null, a string or a list is one
+    bad sample with its row named; the good samples around it are catalogued."""
+    root, info = make_root(tmp_path)
+    reg = load_registry(info)
+    ok = {"id": "ok", "conversations": [human("hi"), gpt("yes")]}
+    samples = [ok, 3.5, None, "a string", [ok], {**ok, "id": "ok2"}, True]
+    (root / "meta_files" / "conv.json").write_text(json.dumps(samples))
+    (root / "meta_files" / "lines.jsonl").write_text("\n".join(json.dumps(x) for x in samples) + "\n")
+    for name in ("conv", "lines"):
+        res = validate_dataset(reg[name], root, mode="meta")
+        assert (res.total, res.good, res.by_reason) == (7, 2, {"bad_type": 5})
+        rej = pq.read_table(rejected_path(root, name)).to_pylist()
+        assert [(r["row"], r["id"], r["detail"]) for r in rej] == [
+            (1, f"{name}-1", "the sample is a number, not an object"),
+            (2, f"{name}-2", "the sample is null, not an object"),
+            (3, f"{name}-3", "the sample is a string, not an object"),
+            (4, f"{name}-4", "the sample is a list, not an object"),
+            (6, f"{name}-6", "the sample is a boolean, not an object"),
+        ]
+        assert [r["id"] for r in read_catalog(root, name).to_pylist()] == ["ok", "ok2"]
+
+
+def test_turn_and_field_types_are_named_in_the_detail(root_info):
     root, reg = root_info
-    meta = root / "meta_files" / "conv.json"
-    meta.write_text('[\n {"id": "a", "conversations": []},\n {"id": "b",, }\n]')
-    with pytest.raises(OvisDataError, match=r"conv\.json: malformed JSON at line 3 column"):
-        validate_dataset(reg["conv"], root)
+    validate_dataset(reg["conv"], root, mode="meta")
+    detail = {r["id"]: r["detail"] for r in pq.read_table(rejected_path(root, "conv")).to_pylist()}
+    assert detail["vlist"] == 'conversations[1] "value" is a list, not text'
+    assert detail["vobj"] == 'conversations[1] "value" is an object, not text'
+    assert detail["vnull"] == 'conversations[1] "value" is null, not text'
+    assert detail["vbool"] == 'conversations[0] "value" is a boolean, not text'
+    assert detail["turnnum"] == "conversations[1] is a number, not an object"
+    assert detail["turnstr"] == "conversations[0] is a string, not an object"
+    assert detail["convobj"] == '"conversations" is an object, not a list'
+    assert detail["numimg"] == '"image" is a number, not a string or a list of strings'
+    assert detail["noval"] == 'conversations[1] has no "value"'
+
+
+def test_captions_blank_once_cleaned_are_empty_captions(tmp_path: Path):
+    """The rule pack applies (templates.clean_caption): <image> removed, surrounding white space stripped."""
+    root, info = make_root(tmp_path)
+    caps = ["ok", "  \n\t ", "<image>", " <image>\u3000<image> ", "\u2003", "<image>x", "<im<image>age>", ""]
+    pq.write_table(
+        pa.table({"image_path": ["a.jpg"] * len(caps), "caption": caps}), root / "meta_files" / "caps.parquet"
+    )
+    validate_dataset(load_registry(info)["caps"], root, mode="meta")
+    got = {r["row"]: r["reason"] for r in pq.read_table(rejected_path(root, "caps")).to_pylist()}
+    assert got == {i: "empty_caption" for i, c in enumerate(caps) if not clean_caption(c)}
+    assert sorted(got) == [1, 2, 3, 4, 7]
+    assert [r["caption"] for r in read_catalog(root, "caps").to_pylist()] == [
+        "ok",
+        "<image>x",
+        "<im<image>age>",
+    ]
 
 
 def write_shards(image_dir: Path, images: dict[str, bytes], per_shard: int = 2) -> None:
@@ -372,24 +501,7 @@ def test_demo_corpus_catches_each_planted_fault(demo_root: Path, tmp_path: Path)
 def test_typed_fast_path_gives_the_same_reasons(root_info):
     """Without a row that breaks the typed read, the fast path must find exactly the same faults."""
     root, reg = root_info
-    rows = [(s, r) for s, r in CONV_ROWS if s["id"] not in ("strconv", "turnnum")]
+    rows = [(s, r) for s, r in CONV_ROWS if s["id"] not in ("strconv", "turnnum", "turnstr", "convobj")]
     (root / "meta_files" / "conv.json").write_text(json.dumps([s for s, _ in rows]))
     validate_dataset(reg["conv"], root, processes=1)
     assert rejected(root, "conv") == {str(s["id"]): r for s, r in rows if r}
-
-
-def test_caption_parquet_without_its_columns_is_a_configuration_error(tmp_path: Path):
-    root = tmp_path / "root"
-    (root / "meta_files").mkdir(parents=True)
-    (root / "images" / "x").mkdir(parents=True)
-    pq.write_table(pa.table({"image_path": ["a.jpg"], "text": ["hi"]}), root / "meta_files" / "it's.parquet")
-    info = tmp_path / "info.json"
-    info.write_text(
-        json.dumps(
-            {"c": {"meta_file": "it's.parquet", "image_dir": "x", "data_format": "caption", "stage": 1}}
-        )
-    )
-    with pytest.raises(
-        OvisDataError, match=r"it's\.parquet: caption meta file lacks column\(s\) \['caption'\]"
-    ):
-        validate_dataset(load_registry(info)["c"], root)

@@ -68,6 +68,9 @@ def validate(
         registry = load_registry(dataset_info)
         specs = select(registry, names)
         if stage is not None:
+            stages = sorted({s.stage for s in registry.values()})
+            if stage not in stages:  # as in pack --stage 4: a usage error, not an empty success
+                raise typer.BadParameter(f"no dataset is in stage {stage} (stages: {stages})")
             specs = [s for s in specs if s.stage == stage]
     base = resolve_root(root)
     mode = "meta" if meta_only else ("deep" if deep else "header")
