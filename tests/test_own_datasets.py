@@ -1,0 +1,95 @@
+"""docs/own-datasets.md as a user runs it: the example's dataset_info.json, meta files, images and recipe
+(docs/examples/own-datasets/), registered, listed, validated, packed and trained, each command a real
+process. Only the tiny model's geometry and CPU-sized training settings are added to the documented
+commands (a tiny Ovis stands in for RUN/stage3/model; its tokenizer is a 600-token BPE with Llama 3's
+special tokens, as in test_train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import run_cli
+from test_templates_tokenizers import llama3_tokenizer, save
+
+from ovis_model.modeling import Ovis
+from ovis_model.tiny import write_tiny_parts
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "docs" / "examples" / "own-datasets"
+MINE = ["--recipe", "my_recipe.toml", "--dataset-info", "my_info.json"]
+
+
+def _train_env() -> dict:
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_own_datasets_register_validate_pack_train(tmp_path: Path) -> None:
+    work = tmp_path / "mine"
+    shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("catalogs", "packed", "run", "bad.json"))
+    # the model the example fine-tunes (RUN/stage3/model in the docs), with its tokenizer
+    tok = save(llama3_tokenizer(), tmp_path / "tok")
+    llm, vit = write_tiny_parts(tmp_path / "parts", image_size=28, tokenizer_dir=tok)
+    model = tmp_path / "stage3-model"
+    Ovis.from_parts(llm=llm, vit=vit, visual_vocab_size=64).save_pretrained(model)
+
+    listed = run_cli("list", *MINE, "--root", "data", env={"COLUMNS": "200"}, cwd=work)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    for needle in ("my-charts-qa", "my-photo-captions", "4: packs into OUT/stage4", "zero3.json (shipped)"):
+        assert needle in listed.stdout, listed.stdout
+
+    validated = run_cli("validate", *MINE, "--root", "data", "--report", "bad.json", cwd=work)
+    assert validated.returncode == 1, validated.stdout + validated.stderr  # 1: bad samples, catalogs written
+    report = json.loads((work / "bad.json").read_text())
+    assert {(b["dataset"], b["row"], b["id"], b["reason"]) for b in report["bad_samples"]} == {
+        ("my-charts-qa", 12, "chart-013", "missing_image"),
+        ("my-photo-captions", 12, "photo-013", "empty_caption"),
+    }
+    assert (work / "data" / "catalogs" / "my-charts-qa.parquet").is_file()
+
+    tiny = ["--visual-tokens", "6", "--image-size", "28", "--max-length", "256", "--processes", "1"]
+    packed = run_cli(
+        "pack", *MINE, "--root", "data", "--tokenizer", str(model), "--out", "packed", *tiny, cwd=work
+    )
+    assert packed.returncode == 0, packed.stdout + packed.stderr
+    manifest = json.loads((work / "packed" / "stage4" / "manifest.json").read_text())
+    assert manifest["stage"] == 4 and manifest["recipe"] == "my_recipe.toml"
+    assert {n: d["packed"] for n, d in manifest["datasets"].items()} == {
+        "my-charts-qa": 12,
+        "my-photo-captions": 24,  # weight 2.0: every good caption twice
+    }
+    assert manifest["template"]["captions"] == {"my-photo-captions": "<image>\nPhoto description: "}
+
+    cpu = ["--max-steps", "3", "--micro-batch-tokens", "256", "--set", "train.global_batch_samples=4",
+           "--set", "train.num_workers=1", "--set", "train.gradient_checkpointing=false",
+           "--set", "train.lr=0.003"]  # fmt: skip
+    ovis_train = [sys.executable, "-m", "ovis_model.train"]  # what the `ovis-train` script runs
+    trained = subprocess.run(
+        [*ovis_train, *MINE, "--data", "packed", "--out", "run", "--init", str(model), *cpu],
+        capture_output=True,
+        text=True,
+        env=_train_env(),
+        cwd=work,
+        timeout=600,
+    )
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    run = work / "run" / "stage4"
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["stage"] == 4
+    assert config["config"]["deepspeed"] == str(REPO / "pipelines" / "zero3.json")  # the shipped fallback
+    assert config["deepspeed"]["zero_optimization"]["stage"] == 3
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert (run / "model" / "config.json").is_file()
