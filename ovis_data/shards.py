@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
@@ -146,9 +147,27 @@ class ShardError(Exception):
         super().__init__(f"{where}: {reason}")
 
 
+# what np.save writes for the 1-D arrays ShardWriter stores (format 1.0, little-endian integers)
+_NPY_1D = re.compile(
+    rb"\x93NUMPY\x01\x00..\{'descr': '(<i4|<i8)', 'fortran_order': False, 'shape': \((\d+),\), \} *\n", re.S
+)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """`np.load` of one .npy member. The shards' own 1-D int arrays are parsed directly (np.load's
+    literal_eval of the header cost more than the rest of reading a record); anything else goes to np.load."""
+    m = _NPY_1D.match(data)
+    if m is None or int.from_bytes(data[8:10], "little") != m.end() - 10:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    dtype, n = np.dtype(m.group(1).decode()), int(m.group(2))
+    if len(data) - m.end() != n * dtype.itemsize:
+        raise ValueError(f"npy data holds {len(data) - m.end()} bytes, its header says {n} x {dtype}")
+    return np.frombuffer(data, dtype, count=n, offset=m.end()).copy()
+
+
 def _fill(rec: Record, ext: str, data: bytes) -> None:
     if ext.endswith(".npy"):
-        setattr(rec, ext[: -len(".npy")], np.load(io.BytesIO(data), allow_pickle=False))
+        setattr(rec, ext[: -len(".npy")], load_npy(data))
     elif ext.startswith("img_"):
         rec.images.append(data)
     elif ext == "json":

@@ -1,7 +1,8 @@
 """From packed records (the pack stage's output) to the model's inputs.
 
 A packed record: `input_ids` int32 [L] (sub-samples one after another, one -200 per image), `labels` int32
-[L] (-100 where unsupervised), `lengths` int32 [n_sub] (summing to L), `images` (PIL, placeholder order).
+[L] (-100 where unsupervised), `lengths` int32 [n_sub] (summing to L), `images` (PIL images or `[h, w, 3]`
+uint8 RGB arrays, placeholder order).
 
 `collate_packed` expands each image's placeholder to `num_visual_tokens` placeholders (labels -100), lays
 the records out in rows (`layout="rows"`: one record per row, right-padded; `"concat"`: all records in one
@@ -81,15 +82,15 @@ def collate_packed(
     `pixel_values` (`[n_images, 3, S, S]` float32, or None) and `n_supervised` (int). Pass everything but
     `n_supervised` to `Ovis.forward` (`model(**batch)` ignores it).
 
-    `pixels="canvas"`: `pixel_values` are the uint8 canvases of `OvisImageProcessor.canvas` and
-    `image_sizes` is added; `batch_to(..., image_processor=...)` normalises them on the device.
+    `pixels="canvas"`: `pixel_values` are the uint8 canvases of `OvisImageProcessor.canvas` (`[n, S, S, 3]`)
+    and `image_sizes` is added; `batch_to(..., image_processor=...)` normalises them on the device.
     """
     if layout not in ("rows", "concat"):
         raise ValueError(f"layout must be 'rows' or 'concat', got {layout!r}")
     if pixels not in ("normalized", "canvas"):
         raise ValueError(f"pixels must be 'normalized' or 'canvas', got {pixels!r}")
     rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    images: list[Image.Image] = []
+    images: list[Image.Image | np.ndarray] = []
     n_supervised = 0
     for i, record in enumerate(records):
         ids, labels, lengths = (np.asarray(_field(record, k)) for k in ("input_ids", "labels", "lengths"))

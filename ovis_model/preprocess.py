@@ -8,6 +8,7 @@ normalized space is the mean colour. This class reproduces that without torchvis
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,7 +18,27 @@ import numpy as np
 import torch
 from PIL import Image
 
+try:  # libjpeg-turbo straight into numpy: twice as fast as PIL on the shards' 336 px JPEGs, same pixels
+    import simplejpeg
+except ImportError:  # a platform without its wheel: PIL decodes, the same pixels
+    simplejpeg = None
+
 CONFIG_NAME = "preprocessor_config.json"
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """`[h, w, 3]` uint8 RGB pixels of an encoded image. JPEGs go through simplejpeg (pixels identical to
+    PIL's: both are libjpeg-turbo with its default, exact IDCT); anything it refuses goes to PIL, which
+    raises the error a damaged file deserves."""
+    if simplejpeg is not None and data[:2] == b"\xff\xd8":
+        try:
+            if simplejpeg.decode_jpeg_header(data)[2] in ("YCbCr", "Gray"):
+                return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        except ValueError:
+            pass
+    img = Image.open(io.BytesIO(data))
+    return np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # SigLIP's normalization
@@ -74,21 +95,32 @@ class OvisImageProcessor:
         std = np.asarray(self.image_std, dtype=np.float32)
         return np.stack([(levels - mean[c]) / std[c] for c in range(3)]).astype(np.float32)
 
-    def canvas(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(`[n, 3, S, S]` uint8: each image resized and centred on a zero square, `[n, 2]` int32: each
-        image's (height, width)). A quarter of the float pixels' bytes: what loader workers hand over."""
+    def canvas(self, images: list[Image.Image | np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`[n, S, S, 3]` uint8: each image resized and centred on a zero square, channels last so each
+        row is one contiguous copy; `[n, 2]` int32: each image's (height, width)). A quarter of the float
+        pixels' bytes: what loader workers hand over. Images are PIL images or `[h, w, 3]` uint8 RGB
+        arrays (`decode_rgb`'s; resized through PIL only when not already at the model's size)."""
         side = self.image_size
-        out = np.zeros((len(images), 3, side, side), dtype=np.uint8)
+        out = np.zeros((len(images), side, side, 3), dtype=np.uint8)
         sizes = np.zeros((len(images), 2), dtype=np.int32)
         for i, image in enumerate(images):
-            if image.mode != "RGB":  # RGBA, palette, CMYK, grayscale
-                image = image.convert("RGB")
-            size = self.resized_size(*image.size)
-            if image.size != size:
-                image = image.resize(size, resample=self.resample, reducing_gap=None)
+            if isinstance(image, np.ndarray):
+                pixels = image
+                size = self.resized_size(image.shape[1], image.shape[0])
+                if (image.shape[1], image.shape[0]) != size:
+                    pixels = np.asarray(
+                        Image.fromarray(image).resize(size, resample=self.resample, reducing_gap=None)
+                    )
+            else:
+                if image.mode != "RGB":  # RGBA, palette, CMYK, grayscale
+                    image = image.convert("RGB")
+                size = self.resized_size(*image.size)
+                if image.size != size:
+                    image = image.resize(size, resample=self.resample, reducing_gap=None)
+                pixels = np.asarray(image)
             w, h = size
             top, left = (side - h) // 2, (side - w) // 2
-            out[i, :, top : top + h, left : left + w] = np.asarray(image).transpose(2, 0, 1)
+            out[i, top : top + h, left : left + w] = pixels
             sizes[i] = (h, w)
         return torch.from_numpy(out), torch.from_numpy(sizes)
 
@@ -96,8 +128,9 @@ class OvisImageProcessor:
         """`[n, 3, S, S]` float32 from `canvas()`'s output, on its device (a GPU does it in microseconds):
         the lookup table per channel, zero outside each image. Equal bit for bit to `preprocess`."""
         table = torch.from_numpy(self.lookup_table()).to(canvas.device)
-        values = table[torch.arange(3, device=canvas.device)[None, :, None, None], canvas.long()]
-        side = canvas.shape[-1]
+        chw = canvas.permute(0, 3, 1, 2)
+        values = table[torch.arange(3, device=canvas.device)[None, :, None, None], chw.long()]
+        side = canvas.shape[1]
         h, w = sizes[:, 0].to(canvas.device, torch.long), sizes[:, 1].to(canvas.device, torch.long)
         top, left = (side - h) // 2, (side - w) // 2
         pos = torch.arange(side, device=canvas.device)

@@ -138,7 +138,7 @@ def test_ranks_and_workers_cover_the_epoch_disjointly_with_equal_counts(stage_di
             assert inputs["input_ids"].shape == (1, meta["tokens"])
             assert b["n_supervised"] == count_targets(inputs["labels"][0].numpy(), _lengths(inputs))
             if meta["images"]:
-                assert inputs["pixel_values"].shape == (meta["images"], 3, 28, 28)
+                assert inputs["pixel_values"].shape == (meta["images"], 28, 28, 3)  # canvases, channels last
                 assert inputs["pixel_values"].dtype == torch.uint8  # normalised on the device
                 ready = batch_to(inputs, "cpu", None, PROCESSOR)
                 assert ready["pixel_values"].dtype == torch.float32 and "image_sizes" not in ready

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ovis_model.preprocess import OvisImageProcessor
+from ovis_model.preprocess import OvisImageProcessor, decode_rgb
 
 
 def _original(image: Image.Image, side: int) -> torch.Tensor:
@@ -86,8 +88,35 @@ def test_canvas_lookup_path_equals_the_float_path_bit_for_bit() -> None:
     ]
     images.append(Image.fromarray(rng.integers(0, 256, (40, 20), dtype=np.uint8), mode="L"))
     canvas, sizes = processor.canvas(images)
-    assert canvas.dtype == torch.uint8 and canvas.shape == (6, 3, 56, 56)
+    assert canvas.dtype == torch.uint8 and canvas.shape == (6, 56, 56, 3)  # channels last
     fast = processor.normalize_canvas(canvas, sizes)
     slow = torch.stack([processor.preprocess(im) for im in images])
     assert torch.equal(fast, slow)
     assert torch.equal(processor(images), slow)
+
+
+def test_decode_rgb_gives_pils_pixels_and_refuses_damage() -> None:
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    encoded = {}
+    for name, image, fmt in [
+        ("rgb", Image.fromarray(pixels), "JPEG"),
+        ("gray", Image.fromarray(pixels[:, :, 0]), "JPEG"),
+        ("cmyk", Image.fromarray(pixels).convert("CMYK"), "JPEG"),
+        ("png", Image.fromarray(pixels), "PNG"),
+    ]:
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, quality=95)
+        encoded[name] = buf.getvalue()
+    for name, data in encoded.items():
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        got = decode_rgb(data)
+        assert got.dtype == np.uint8 and got.shape == (40, 56, 3), name
+        assert np.array_equal(got, expected), name
+    processor = OvisImageProcessor(image_size=56)
+    from_arrays = processor.canvas([decode_rgb(d) for d in encoded.values()])
+    from_pil = processor.canvas([Image.open(io.BytesIO(d)) for d in encoded.values()])
+    assert all(torch.equal(a, b) for a, b in zip(from_arrays, from_pil, strict=True))
+    for bad in (encoded["rgb"][: len(encoded["rgb"]) // 2], b"\xff\xd8" + bytes(300), b"not an image"):
+        with pytest.raises((OSError, ValueError)):
+            decode_rgb(bad)
