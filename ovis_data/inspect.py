@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import OvisDataError
-from .shards import Record, read_records
+from .shards import Record, ShardError, read_records
 from .templates import IGNORE_ID, IMAGE_ID
 from .tokenize import load_tokenizer
 
@@ -19,11 +20,20 @@ from .tokenize import load_tokenizer
 def find_record(shard: Path, record: int | str = 0) -> Record:
     """Record number `record` (0-based) of a shard, or the record with that key."""
     shard = Path(shard)
+    if shard.is_dir():
+        tars = sorted(shard.glob("*.tar")) or sorted(shard.glob("*/*.tar"))
+        hint = f", e.g. {tars[0]}" if tars else " (pack writes OUT/stageN/stageN-NNNNN.tar)"
+        raise OvisDataError(f"{shard} is a folder: name one shard in it{hint}")
     if not shard.is_file():
-        raise OvisDataError(f"{shard}: no such shard")
-    for i, rec in enumerate(read_records(shard)):
-        if rec.key == str(record) or (isinstance(record, int) and i == record):
-            return rec
+        raise OvisDataError(f"{shard}: no such file")
+    if not tarfile.is_tarfile(shard):
+        raise OvisDataError(f"{shard}: not a packed shard (not a tar file; pack writes OUT/stageN/*.tar)")
+    try:
+        for i, rec in enumerate(read_records(shard)):
+            if rec.key == str(record) or (isinstance(record, int) and i == record):
+                return rec
+    except ShardError as e:
+        raise OvisDataError(f"not a readable packed shard: {e}") from e
     raise OvisDataError(f"{shard}: no record {record!r}")
 
 
@@ -96,8 +106,13 @@ def inspect_record(shard: Path, record: int | str = 0, tokenizer: str | Path | N
     return describe_record(find_record(shard, record), _tokenizer_for(shard, tokenizer))
 
 
-def render_rich(view: dict) -> Any:
-    """The view as rich renderables: supervised text in green, images as magenta markers."""
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def render_rich(view: dict, plain: bool = False) -> Any:
+    """The view as rich renderables: supervised text in green, images as magenta markers. `plain` (no
+    colour: piped output, NO_COLOR) marks supervised text as [[...]] instead, so it still shows."""
     from rich.console import Group
     from rich.panel import Panel
     from rich.text import Text
@@ -109,15 +124,20 @@ def render_rich(view: dict) -> Any:
             if "image" in seg:
                 size = "x".join(map(str, seg["size"])) if seg.get("size") else "?"
                 text.append(f"[IMAGE {seg['image']} {size}]", style="bold magenta")
+            elif seg["supervised"] and plain:
+                text.append(f"[[{seg['text']}]]")
             else:
                 text.append(seg["text"], style="bold green" if seg["supervised"] else "dim")
-        title = (
+        # provenance inside the panel, where it wraps, not in its title, where it would be cut
+        title = Text(
             f"sample {i}: {s.get('dataset', '?')} row {s.get('row', '?')} id {s.get('id', '?')} "
-            f"({s['length']} ids, {s['supervised_tokens']} supervised)"
+            f"({s['length']} ids, {s['supervised_tokens']} supervised)",
+            style="bold",
         )
-        panels.append(Panel(text, title=title, title_align="left"))
+        panels.append(Panel(Group(title, text)))
+    legend = "supervised text in [[...]]" if plain else "green: supervised"
     head = Text(
         f"record {view['key']}: {view['input_ids']} ids, {view['tokens']} tokens with images, "
-        f"{view['images']} images, {len(view['samples'])} samples  (green: supervised)"
+        f"{_count(view['images'], 'image')}, {_count(len(view['samples']), 'sample')}  ({legend})"
     )
     return Group(head, *panels)

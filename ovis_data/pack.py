@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from .catalog import catalog_path
+from .catalog import catalog_path, check_catalog_current
 from .errors import OvisDataError
 from .imagestore import ImageStore
 from .packing import DEFAULT_BUFFER, pack_lengths
@@ -47,7 +47,7 @@ PACKS_PER_SHARD = 1000
 TOKENIZE_BATCH = 4096
 WORK = ".work"
 MANIFEST = "manifest.json"
-Progress = Callable[[str, int, int], None]
+Progress = Callable[[str, int, int], None]  # (phase "tokenize" | "write", samples | records done, total)
 # Per shard in the manifest; the per-record lists let a loader plan micro-batches without opening tars.
 SHARD_KEYS = (
     "name",
@@ -307,17 +307,27 @@ def _ensure_catalogs(recipe: StageRecipe, registry: dict[str, DatasetSpec], root
                 raise OvisDataError(f"{mix.name}: cannot validate before packing: {result.error}")
             if not path.exists():
                 raise OvisDataError(f"{mix.name}: validation wrote no catalog at {path}")
+        else:  # never pack samples of a meta file that changed since they were validated
+            check_catalog_current(path, mix.name, registry[mix.name].meta_path(root))
         paths[mix.name] = path
     return paths
 
 
 def _run(
-    fn: Callable, tasks: list[tuple], processes: int, init: tuple, label: str, progress: Progress | None
+    fn: Callable,
+    tasks: list[tuple],
+    processes: int,
+    init: tuple,
+    label: str,
+    progress: Progress | None,
+    weights: list[int],
 ):
-    """Run fn(*task) for every task, in this process or a pool; results in completion order."""
+    """Run fn(*task) for every task, in this process or a pool; results in completion order. Progress
+    counts what the tasks hold (`weights`: samples to tokenize, records to write), not the tasks."""
     results = []
+    total, done = sum(weights), 0
     if progress:
-        progress(label, 0, len(tasks))
+        progress(label, 0, total)
     if processes <= 1 or len(tasks) <= 1:
         saved, env = dict(_W), os.environ.get("TOKENIZERS_PARALLELISM")
         _init_worker(*init)
@@ -327,21 +337,23 @@ def _run(
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = env
         try:
-            for i, t in enumerate(tasks):
+            for t, w in zip(tasks, weights, strict=True):
                 results.append(fn(*t))
+                done += w
                 if progress:
-                    progress(label, i + 1, len(tasks))
+                    progress(label, done, total)
         finally:
             _W.clear()
             _W.update(saved)
         return results
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
-        futures = [pool.submit(fn, *t) for t in tasks]
-        for i, fut in enumerate(as_completed(futures)):
+        futures = {pool.submit(fn, *t): w for t, w in zip(tasks, weights, strict=True)}
+        for fut in as_completed(futures):
             results.append(fut.result())
+            done += futures[fut]
             if progress:
-                progress(label, i + 1, len(tasks))
+                progress(label, done, total)
     return results
 
 
@@ -493,7 +505,8 @@ def pack_stage(
             )
     backend_json = tok.backend_tokenizer.to_str()
     todo = [(u,) for u in units if not Path(u.path).exists()]
-    _run(_tokenize_unit, todo, processes, (cfg, backend_json, None, None), "tokenize", progress)
+    rows = [pq.ParquetFile(u.catalog).metadata.row_group(u.row_group).num_rows for (u,) in todo]
+    _run(_tokenize_unit, todo, processes, (cfg, backend_json, None, None), "tokenize", progress, rows)
 
     # Phase 2: drop by reason, apply the mixture, pack.
     tables = [pa.ipc.open_file(pa.memory_map(u.path)).read_all() for u in units]
@@ -545,7 +558,8 @@ def pack_stage(
                 continue
         p0, p1 = s * cfg.packs_per_shard, min(packing.n_packs, (s + 1) * cfg.packs_per_shard)
         tasks.append((s, sizes[p0:p1], samples[packing.offsets[p0] : packing.offsets[p1]]))
-    for st in _run(_write_shard, tasks, processes, (cfg, backend_json, units, bases), "write", progress):
+    init = (cfg, backend_json, units, bases)
+    for st in _run(_write_shard, tasks, processes, init, "write", progress, [len(t[1]) for t in tasks]):
         done_stats[int(st["name"][-9:-4])] = st
     shards = [done_stats[s] for s in range(n_shards)]
 

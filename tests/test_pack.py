@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from PIL import Image
 from test_templates import by_hand_caption, by_hand_chat
 from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenizer, save
 
-from ovis_data.catalog import catalog_path
+from ovis_data.catalog import catalog_path, check_catalog_current
 from ovis_data.errors import OvisDataError
 from ovis_data.pack import pack_stage
 from ovis_data.recipes import load_recipe
@@ -141,7 +142,7 @@ def test_a_killed_pack_resumes_to_the_same_bytes(qwen_stage3: Path, root: Path, 
         pass
 
     def kill_after_two_shards(phase: str, done: int, total: int) -> None:
-        if phase == "write" and done == 2:
+        if phase == "write" and done == 16:  # records: two shards of 8
             raise Killed
 
     with pytest.raises(Killed):
@@ -207,6 +208,8 @@ def test_captions_weights_and_drops_are_counted(root: Path, tmp_path: Path):
     path = catalog_path(root, "coyo-10m")
     table = pq.read_table(path)
     blank = table.slice(0, 1).to_pylist()[0] | {"row": 10_000, "id": "blank", "caption": " <image>  "}
+    # as a catalog of an older validate may hold it (validate now rejects it as empty_caption); the
+    # parquet metadata is kept, so pack still knows which meta file the catalog came from
     pq.write_table(pa.concat_tables([table, pa.Table.from_pylist([blank], schema=table.schema)]), path)
     m = pack_stage(recipe, root, qwen_path(), tmp_path / "out", processes=1, packs_per_shard=64)
     d = m["datasets"]["coyo-10m"]
@@ -225,6 +228,26 @@ def test_captions_weights_and_drops_are_counted(root: Path, tmp_path: Path):
     )
     assert m["datasets"][STAGE3_TEXT_ONLY]["selected"] == round(0.5 * m["datasets"][STAGE3_TEXT_ONLY]["kept"])
     assert m["dropped"]["too_long"] == sum(x["dropped"].get("too_long", 0) for x in m["datasets"].values())
+
+
+def test_a_catalog_whose_meta_file_changed_is_refused(root: Path, tmp_path: Path):
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("images"))
+    (copy / "images").symlink_to(root / "images")
+    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
+    spec = load_registry()["coyo-10m"]
+    validate_dataset(spec, copy, mode="meta")
+    meta, catalog = spec.meta_path(copy), catalog_path(copy, "coyo-10m")
+    os.utime(meta, ns=(1, 1))  # touched, or copied: same bytes, so not stale
+    check_catalog_current(catalog, "coyo-10m", meta)
+    meta.write_bytes(meta.read_bytes().replace(b"a", b"b", 1))  # same size, other content
+    with pytest.raises(OvisDataError, match=r"coyo-10m.*stale.*re-run `ovis-data validate coyo-10m`"):
+        pack_stage(recipe, copy, qwen_path(), tmp_path / "out", processes=1)
+    table = pq.read_table(catalog)
+    pq.write_table(table.replace_schema_metadata(None), catalog)  # as an older version wrote it
+    with pytest.raises(OvisDataError, match=r"does not record its meta file.*re-run `ovis-data validate"):
+        check_catalog_current(catalog, "coyo-10m", meta)
+    assert not (tmp_path / "out" / "stage1").exists()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

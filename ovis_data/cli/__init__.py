@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import importlib
-import sys
+from typing import NoReturn
 
-from rich.console import Console
-from rich.markup import escape
-
+from ..clikit import run
 from ..errors import OvisDataError
 from .app import app
 
 # Each module registers its commands on `app`; a missing optional one must not break the others.
-_COMMAND_MODULES = ("list_cmd", "validate_cmd", "demo_cmd", "fetch_cmd", "pack_cmd")
+_COMMAND_MODULES = ("list_cmd", "fetch_cmd", "validate_cmd", "pack_cmd", "inspect_cmd", "demo_cmd")
 for _name in _COMMAND_MODULES:
     try:
         importlib.import_module(f"{__name__}.{_name}")
@@ -21,9 +19,5 @@ for _name in _COMMAND_MODULES:
             raise
 
 
-def main() -> None:
-    try:
-        app()
-    except OvisDataError as e:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-        sys.exit(2)
+def main() -> NoReturn:
+    run(app, "ovis-data", (OvisDataError,))

@@ -32,3 +32,6 @@ RecipeOption = Annotated[
         help="Your own recipe (datasets, weights, lengths, training) instead of --stage N's shipped one.",
     ),
 ]
+QuietOption = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress display (it shows only on a terminal anyway).")
+]

@@ -1,20 +1,21 @@
-"""`ovis-data pack` and `ovis-data inspect`: argument parsing only; the work is in ovis_data.pack/inspect."""
+"""`ovis-data pack`: argument parsing only; the work is in ovis_data.pack."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..inspect import inspect_record, render_rich
+from ..clikit import ProgressDisplay
 from ..pack import PACKS_PER_SHARD, pack_stage
 from ..recipes import select_recipe
 from .app import app
-from .common import InfoOption, RecipeOption, RootOption, console
+from .common import InfoOption, QuietOption, RecipeOption, RootOption, console
+
+# pack_stage's phases as the progress display names them: (label, unit of the rate)
+PHASES = {"tokenize": ("samples tokenized", "samples"), "write": ("records written", "records")}
 
 
 @app.command("pack")
@@ -48,6 +49,7 @@ def pack(
         bool, typer.Option("--overwrite", help="Replace shards packed earlier from other inputs.")
     ] = False,
     dataset_info: InfoOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Pack a stage's validated samples into webdataset shards of fixed-capacity sequences.
 
@@ -60,20 +62,11 @@ def pack(
     `stage` names the folder: OUT/stageN)
     """
     chosen, registry = select_recipe(stage, recipe, dataset_info)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, int] = {}
+    with ProgressDisplay(quiet) as shown:
 
         def on_progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done, total=total)
+            label, unit = PHASES.get(phase, (phase, ""))
+            shown.update(label, done, total, unit)
 
         manifest = pack_stage(
             chosen,
@@ -103,22 +96,3 @@ def pack(
         f"shards, fill {manifest['fill']:.2%}; dropped: "
         + (", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none")
     )
-
-
-@app.command("inspect")
-def inspect(
-    shard: Annotated[Path, typer.Argument(help="A packed shard (OUT/stageN/stageN-NNNNN.tar).")],
-    record: Annotated[str, typer.Option(help="Record number (0-based) or key.")] = "0",
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer to decode with (default: the one in manifest.json).")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-) -> None:
-    """Decode one packed record: each sub-sample's text with supervised spans highlighted, image positions
-    marked, and where it came from (dataset, row, id)."""
-    which: int | str = int(record) if record.isdigit() else record
-    view = inspect_record(shard, which, tokenizer)
-    if as_json:
-        typer.echo(json.dumps(view, ensure_ascii=False, indent=1))
-    else:
-        console.print(render_rich(view))

@@ -6,15 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..clikit import ProgressDisplay
 from ..imagecheck import DEFAULT_MAX_PIXELS, ImageLimits
 from ..recipes import select_recipe
 from ..registry import load_registry, resolve_root, select
 from ..report import summary_table, write_report
 from ..validate import validate_dataset
 from .app import app
-from .common import InfoOption, RecipeOption, RootOption, console
+from .common import InfoOption, QuietOption, RecipeOption, RootOption, console
 
 
 @app.command("validate")
@@ -46,6 +46,7 @@ def validate(
         int, typer.Option(help="Larger images are decompression bombs.")
     ] = DEFAULT_MAX_PIXELS,
     dataset_info: InfoOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Check meta files against their images; write the catalogs of good samples that pack reads.
 
@@ -76,30 +77,14 @@ def validate(
     mode = "meta" if meta_only else ("deep" if deep else "header")
     limits = ImageLimits(max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
     results = []
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("datasets", total=len(specs), rate="")
-        images = bar.add_task("images", total=None, rate="", visible=mode != "meta")
-
-        def on_images(name: str, done: int, total: int) -> None:
-            elapsed = bar.tasks[images].elapsed or 0.0
-            rate = f"{done / elapsed:,.0f} img/s" if elapsed > 0 else ""
-            bar.update(images, completed=done, total=total, description=f"images of {name}", rate=rate)
-
-        for spec in specs:
-            bar.update(task, description=f"validating {spec.name}")
-            bar.reset(images, total=None)
+    with ProgressDisplay(quiet) as shown:
+        on_images = shown.callback("images of", "img") if mode != "meta" else None
+        for i, spec in enumerate(specs):
+            shown.update("datasets", i, len(specs), "", f"validating {spec.name}")
+            shown.reset("images of")
             results.append(
                 validate_dataset(spec, base, mode, limits, processes, catalog_dir, progress=on_images)
             )
-            bar.advance(task)
     console.print(summary_table(results))
     if report:
         write_report(report, results, base, catalog_dir)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
+
+from ovis_data.clikit import run, version_option
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -66,6 +68,7 @@ def train_command(
         ),
     ] = None,
     local_rank: Annotated[int | None, typer.Option("--local_rank", hidden=True)] = None,  # deepspeed launcher
+    version: Annotated[bool, version_option("ovis-train")] = False,
 ) -> None:
     """Train one stage of Ovis on packed shards with DeepSpeed, as the stage's recipe says.
 
@@ -73,13 +76,15 @@ def train_command(
     folder. Checkpoints go to RUN/stageN/checkpoints (every train.save_every steps and on SIGTERM), metrics
     to RUN/stageN/metrics.jsonl and tensorboard/, the final model to RUN/stageN/model.
 
-    Example: ovis-train --stage 1 --data /data/packed --out /runs/ovis --llm /models/Qwen2.5-7B-Instruct
-    --vit /models/clip-vit-large-patch14-336
+    Examples (stage 1 from a base LLM and ViT; stage 2 from stage 1's model; a short try on the demo's data):
+        ovis-train --stage 1 --data /data/packed --out /runs/ovis --llm /models/qwen2.5 --vit /models/clip
+        ovis-train --stage 2 --data /data/packed --out /runs/ovis
+        ovis-train --stage 3 --data demo_out/packed --out demo_out/run --max-steps 4
 
     On 8 GPUs: torchrun --nproc_per_node 8 -m ovis_model.train --stage 3 --data /data/packed --out /runs/ovis
 
-    Your own datasets (docs/own-datasets.md): ovis-train --recipe my_recipe.toml --dataset-info my_info.json
-    --data /data/packed --out /runs/mine --init /runs/ovis/stage3/model
+    Your own datasets (docs/own-datasets.md):
+        ovis-train --recipe my_recipe.toml --dataset-info my_info.json --data /data/packed --out /runs/mine
     """
     from .loop import train
     from .setup import RunArgs, TrainError
@@ -105,8 +110,8 @@ def train_command(
         sys.exit(2)
 
 
-def main() -> None:
-    app()
+def main() -> NoReturn:
+    run(app, "ovis-train", ())
 
 
 if __name__ == "__main__":
