@@ -7,11 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .batching import expand_image_placeholders
 from .constants import IMAGE_TOKEN
 from .prompt import FORMATS, generation_prompt, stop_token
+
+
+class ChatError(ValueError):
+    """A model folder, image or question that cannot be used: ovis-chat prints it as one line."""
 
 
 @dataclass
@@ -26,12 +30,26 @@ class ChatResult:
         return self.prompt_tokens + self.output_tokens
 
 
-def _load_images(images: Any) -> list[Image.Image]:
+def load_images(images: Any) -> list[Image.Image]:
+    """PIL images from paths (or images), decoded now: a bad file is a ChatError naming it."""
     if images is None:
         return []
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
-    return [im if isinstance(im, Image.Image) else Image.open(im) for im in images]
+    return [im if isinstance(im, Image.Image) else _open_image(im) for im in images]
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise ChatError(f"{path}: no such image file") from None
+    except IsADirectoryError:
+        raise ChatError(f"{path}: a folder, not an image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: some malformed headers
+        raise ChatError(f"{path}: not a readable image ({e})") from e
+    return image
 
 
 def build_query(text: str, n_images: int) -> str:
@@ -40,7 +58,7 @@ def build_query(text: str, n_images: int) -> str:
     if n_markers == 0:
         return "<image> " * n_images + text
     if n_markers != n_images:
-        raise ValueError(f"the text has {n_markers} {IMAGE_TOKEN} markers but {n_images} images were given")
+        raise ChatError(f"the text has {n_markers} {IMAGE_TOKEN} markers but {n_images} images were given")
     return text
 
 
@@ -64,7 +82,7 @@ def chat(
     template = model.config.conversation_template
     if template is None:
         raise ValueError(f"config.conversation_template is unset; set one of {sorted(FORMATS)}")
-    pil_images = _load_images(images)
+    pil_images = load_images(images)
     prompt, ids = generation_prompt(tokenizer, template, build_query(text, len(pil_images)), system)
     ids_np, _, _ = expand_image_placeholders(ids, [0] * len(ids), [len(ids)], model.num_visual_tokens)
 
@@ -105,9 +123,34 @@ def load_for_chat(model_dir: str | Path, device: str | None = None, dtype: str |
     """An `Ovis` from a trained directory on `device` (default cuda if present) in `dtype` (bf16 on cuda)."""
     from .modeling import Ovis
 
+    _check_model_dir(Path(model_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = (
         getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     )
     model = Ovis.from_pretrained(model_dir, dtype=torch_dtype)
     return model.to(device).eval()
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    """A clear error for what is not an Ovis model folder, before transformers' own (a traceback listing
+    every config class it knows)."""
+    import json
+
+    hint = "ovis-train writes one to RUN/stageN/model"
+    if not model_dir.exists():
+        raise ChatError(f"{model_dir}: no such folder")
+    if not model_dir.is_dir():
+        raise ChatError(f"{model_dir}: not a folder (a model folder holds config.json and the weights)")
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise ChatError(f"{model_dir}: not a model folder (no config.json); {hint}")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError) as e:
+        raise ChatError(f"{config}: unreadable model config ({e})") from e
+    if model_type != "ovis":
+        raise ChatError(
+            f"{model_dir}: not an Ovis model (config.json says model_type {model_type!r}; a base LLM or ViT "
+            f"is an input of ovis-train --stage 1, not a chat model); {hint}"
+        )

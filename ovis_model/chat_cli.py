@@ -1,41 +1,66 @@
-"""`ovis-chat MODEL_DIR --image FILE "question"`: ask a trained Ovis directory about images."""
+"""`ovis-chat MODEL_DIR -i FILE "question"`: ask a trained Ovis model folder about images."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, NoReturn
 
 import typer
 
-app = typer.Typer(add_completion=False, help=__doc__)
+from ovis_data.clikit import run, version_option
+from ovis_data.errors import OvisDataError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
 def chat_command(
-    model_dir: Path = typer.Argument(
-        ..., exists=True, file_okay=False, help="a model directory (save_pretrained)"
-    ),
-    question: str = typer.Argument(
-        ..., help="the question; `<image>` markers place the images, else they lead"
-    ),
-    image: list[Path] = typer.Option([], "--image", "-i", exists=True, dir_okay=False, help="image file(s)"),
-    max_new_tokens: int = typer.Option(512, help="generation budget"),
-    sample: bool = typer.Option(False, "--sample/--greedy", help="sample instead of greedy decoding"),
-    temperature: float = typer.Option(1.0, help="sampling temperature"),
-    top_p: float | None = typer.Option(None, help="nucleus sampling threshold"),
-    top_k: int | None = typer.Option(None, help="top-k sampling"),
-    seed: int | None = typer.Option(None, help="random seed for sampling"),
-    device: str | None = typer.Option(None, help="cuda or cpu (default: cuda if present)"),
-    dtype: str | None = typer.Option(None, help="bfloat16, float16 or float32 (default: bf16 on cuda)"),
-    as_json: bool = typer.Option(False, "--json", help="print prompt, output and token counts as JSON"),
+    model_dir: Annotated[
+        Path,
+        typer.Argument(metavar="MODEL_DIR", help="A model folder written by ovis-train (RUN/stageN/model)."),
+    ],
+    question: Annotated[
+        str,
+        typer.Argument(
+            metavar="QUESTION", help="The question; `<image>` markers place the images, else they lead."
+        ),
+    ],
+    image: Annotated[
+        list[Path] | None, typer.Option("--image", "-i", metavar="FILE", help="An image (repeat for more).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(metavar="N", help="Generation budget.")] = 512,
+    sample: Annotated[
+        bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")
+    ] = False,
+    temperature: Annotated[float, typer.Option(metavar="T", help="Sampling temperature.")] = 1.0,
+    top_p: Annotated[float | None, typer.Option(metavar="P", help="Nucleus sampling threshold.")] = None,
+    top_k: Annotated[int | None, typer.Option(metavar="K", help="Top-k sampling.")] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="Random seed for sampling.")] = None,
+    device: Annotated[
+        str | None, typer.Option(metavar="DEVICE", help="cuda or cpu (default: cuda if present).")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(metavar="DTYPE", help="bfloat16, float16 or float32 (default: bfloat16 on cuda)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print prompt, answer and token counts as JSON.")
+    ] = False,
+    version: Annotated[bool, version_option("ovis-chat")] = False,
 ) -> None:
-    """Answer QUESTION about the images with the model in MODEL_DIR."""
-    from .chat import chat, load_for_chat
+    """Answer QUESTION about the images with the Ovis model in MODEL_DIR (greedy unless --sample).
 
+    Example (the demo's final model and one of its images):
+        ovis-chat demo_out/run/stage3/model -i demo_out/data/images/coco/00000.jpg "Describe the image."
+    """
+    from .chat import chat, load_for_chat, load_images
+
+    images = load_images([str(p) for p in image or []])  # a bad image fails before the model loads
     model = load_for_chat(model_dir, device=device, dtype=dtype)
     result = chat(
         model,
-        [str(p) for p in image],
+        images,
         question,
         max_new_tokens=max_new_tokens,
         do_sample=sample,
@@ -51,8 +76,10 @@ def chat_command(
         typer.echo(result.output)
 
 
-def main() -> None:
-    app()
+def main() -> NoReturn:
+    from .chat import ChatError
+
+    run(app, "ovis-chat", (ChatError, OvisDataError))
 
 
 if __name__ == "__main__":
