@@ -75,14 +75,31 @@ class Encoded(NamedTuple):
         return ids, np.where(self.supervised[a:b], ids, np.int32(IGNORE_ID)).astype(np.int32)
 
 
+# files any one of which makes a folder a tokenizer folder (fast, slow or sentencepiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """A fast Hugging Face tokenizer from a directory (or hub-style name already on disk)."""
     from transformers import AutoTokenizer
 
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise OvisDataError(f"{path}: a file; --tokenizer takes the tokenizer's folder")
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise OvisDataError(
+            f"{path}: no tokenizer in this folder (expected tokenizer.json or tokenizer_config.json, "
+            "as the LLM's save_pretrained writes them)"
+        )
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(local if local.is_dir() else path))
     except (OSError, ValueError) as e:
-        raise OvisDataError(f"cannot load tokenizer from {path}: {e}") from e
+        if not local.exists():  # transformers would talk of repo ids and network errors
+            raise OvisDataError(
+                f"{path}: no such tokenizer folder (nor a tokenizer of that name in the Hugging Face cache)"
+            ) from e
+        reason = " ".join(str(e).split())
+        raise OvisDataError(f"{path}: cannot load the tokenizer: {reason}") from e
     if not getattr(tok, "is_fast", False):
         raise OvisDataError(
             f"tokenizer {tokenizer_name(tok)!r} is not a fast tokenizer (tokenizer.json needed)"
