@@ -40,7 +40,7 @@ def write_report(path: Path, results: list[DatasetResult], root: Path, catalog_o
 def summary_table(results: list[DatasetResult]) -> Table:
     table = Table(title="Validation")
     for col, justify in (("dataset", "left"), ("total", "right"), ("good", "right"), ("bad", "right")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col == "dataset")  # names whole, even at 80 columns
     table.add_column("bad by reason")
     for r in results:
         reasons = ", ".join(f"{k}: {v}" for k, v in r.by_reason.items())
