@@ -112,6 +112,11 @@ def _position(lines_before: int, text: str, pos: int, col_base: int) -> str:
     return f"line {line} column {column}"
 
 
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """Python's reason without its dangling ' at' (the position is given before it)."""
+    return e.msg[: -len(" at")] + " here" if e.msg.endswith(" at") else e.msg
+
+
 def json_problem(path: Path, form: str) -> str | None:
     """Where and why a JSON list or JSON-lines file is not valid JSON, in plain words (streaming, so a
     file of any size; only run once DuckDB has refused the file). None when Python finds no fault."""
@@ -126,7 +131,7 @@ def json_problem(path: Path, form: str) -> str | None:
                     try:
                         json.loads(line)
                     except json.JSONDecodeError as e:
-                        return f"line {lineno} column {e.colno}: {e.msg}"
+                        return f"line {lineno} column {e.colno}: {_json_msg(e)}"
         return None
     return _array_problem(path)
 
@@ -179,7 +184,7 @@ def _array_problem(path: Path, chunk: int = 1 << 24) -> str | None:
                             break
                         except json.JSONDecodeError as e:
                             if not more():  # the whole rest of the file is there: a real fault
-                                return f"{_position(lines_before, buf, e.pos, col_base)}: {e.msg}"
+                                return f"{_position(lines_before, buf, e.pos, col_base)}: {_json_msg(e)}"
                     pos = end
                     c = skip_ws()
                     if c == "]":
