@@ -8,6 +8,7 @@ with a stable snake_case reason, or reason None for a good image.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import warnings
 from collections.abc import Iterable, Iterator
@@ -104,7 +105,10 @@ def check_images(
     if processes == 1:
         yield from map(_check_chunk, tasks)
         return
-    with ProcessPoolExecutor(processes) as pool:
+    # forkserver: the caller runs DuckDB's threads; forking a multi-threaded process can deadlock the child
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
         # map() submits everything up front; bound the in-flight chunks so 10M paths never sit in memory.
         pending = []
         for task in tasks:
