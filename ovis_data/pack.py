@@ -18,7 +18,7 @@ import multiprocessing as mp
 import os
 import shutil
 import zlib
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -219,7 +219,8 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
     name = shard_name(cfg.stage, index)
     writer = ShardWriter(Path(cfg.out) / name)
     stats: dict[str, Any] = {"name": name, "records": 0, "samples": 0, "tokens": 0, "input_ids": 0}
-    stats.update(images=0, datasets=Counter(), dropped=Counter(), record_tokens=[], record_supervised=[])
+    stats.update(images=0, datasets=Counter(), record_tokens=[], record_supervised=[])
+    stats["dropped"] = defaultdict(Counter)  # dataset -> reason -> samples
     try:
         pos = 0
         for p, size in enumerate(pack_sizes.tolist()):
@@ -236,7 +237,7 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
                         resize_for_vit(store.read_bytes(x), cfg.image_size)[0] for x in meta["images"]
                     ]
                 except Exception:  # gone or broken since validation: drop the sample, keep the pack
-                    stats["dropped"]["image_unreadable"] += 1
+                    stats["dropped"][dataset]["image_unreadable"] += 1
                     continue
                 ids_parts.append(ids)
                 sup_parts.append(sup)
@@ -268,7 +269,7 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
             stats["record_tokens"].append(int(tokens))
             stats["record_supervised"].append(supervised_targets(labels, lengths_arr))
         stats["datasets"] = dict(sorted(stats["datasets"].items()))
-        stats["dropped"] = dict(sorted(stats["dropped"].items()))
+        stats["dropped"] = {d: dict(sorted(c.items())) for d, c in sorted(stats["dropped"].items())}
         stats["sha256"], stats["bytes"] = writer.close()
     except BaseException:
         writer.abort()
@@ -361,7 +362,7 @@ def _drop_reasons(
     tables: list[pa.Table], cfg: PackConfig
 ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """Per sample: reason code (0 = kept), the reason names, true lengths and image counts."""
-    names = ["", "template_error", "image_mismatch", "no_label", "too_long"]
+    names = ["", "template_error", "image_mismatch", "no_label", "too_long", "too_many_images"]
     if not tables:
         empty = np.zeros(0, dtype=np.int64)
         return empty.astype(np.int8), names, empty, empty
@@ -372,6 +373,7 @@ def _drop_reasons(
     failed = np.concatenate([t.column("error").is_valid().to_numpy(zero_copy_only=False) for t in tables])
     true_len = n_tok.astype(np.int64) + (cfg.visual_tokens - 1) * n_img
     reason = np.zeros(len(true_len), dtype=np.int8)
+    reason[n_img > cfg.max_images] = 5  # more images than one packed sequence may hold
     reason[true_len > cfg.capacity] = 4
     reason[n_sup == 0] = 3
     reason[n_img != listed] = 2
@@ -518,19 +520,20 @@ def pack_stage(
     for m in recipe.datasets:
         idx = [i for i, u in enumerate(units) if u.dataset == m.name]
         lo, hi = (bases[idx[0]], bases[idx[-1] + 1]) if idx else (0, 0)
-        r = reason[lo:hi]
-        kept = np.arange(lo, hi, dtype=np.int64)[r == 0]
-        chosen = _mixture(kept, m.weight, cfg.seed, m.name)
-        items.append(chosen)
-        dropped = {
-            reason_names[c]: int((r == c).sum()) for c in range(1, len(reason_names)) if (r == c).any()
-        }
+        # The mixture draws from the whole catalog; a drawn sample that cannot be packed is dropped with
+        # its reason, so per dataset selected = packed + dropped (write-time drops are added in _manifest).
+        chosen = _mixture(np.arange(lo, hi, dtype=np.int64), m.weight, cfg.seed, m.name)
+        why = reason[chosen]
+        items.append(chosen[why == 0])
+        codes, counts = np.unique(why[why > 0], return_counts=True)
         datasets[m.name] = {
             "catalog": int(hi - lo),
-            "kept": int(len(kept)),
+            "kept": int((reason[lo:hi] == 0).sum()),  # distinct catalog samples that can be packed
             "weight": m.weight,
             "selected": int(len(chosen)),
-            "dropped": dropped,
+            "dropped": {
+                reason_names[c]: int(n) for c, n in zip(codes.tolist(), counts.tolist(), strict=True)
+            },
         }
     items_arr = np.concatenate(items) if items else np.zeros(0, dtype=np.int64)
     packing = pack_lengths(
@@ -553,7 +556,8 @@ def pack_stage(
         stats_path = out_dir / WORK / "shards" / f"{s:05d}.json"
         if (out_dir / shard_name(cfg.stage, s)).exists() and stats_path.exists():
             st = json.loads(stats_path.read_text(encoding="utf-8"))
-            if all(k in st for k in SHARD_KEYS):  # else not finished, or stats of an older version
+            # else not finished, or stats of an older version (drops not yet counted per dataset)
+            if all(k in st for k in SHARD_KEYS) and all(isinstance(v, dict) for v in st["dropped"].values()):
                 done_stats[s] = st
                 continue
         p0, p1 = s * cfg.packs_per_shard, min(packing.n_packs, (s + 1) * cfg.packs_per_shard)
@@ -576,15 +580,24 @@ def _manifest_is_current(manifest: dict) -> bool:
 
 
 def _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards) -> dict:
-    dropped: Counter = Counter()
-    for d in datasets.values():
-        dropped.update(d["dropped"])
+    """Per dataset (sorted by name): catalog, kept, weight, selected = packed + dropped (by reason)."""
     packed: Counter = Counter()
+    late: dict[str, Counter] = defaultdict(Counter)
     for st in shards:
         packed.update(st["datasets"])
-        dropped.update(st["dropped"])
+        for name, reasons in st["dropped"].items():
+            late[name].update(reasons)
+    dropped: Counter = Counter()
+    datasets = dict(sorted(datasets.items()))
     for name, d in datasets.items():
+        d["dropped"] = dict(sorted((Counter(d["dropped"]) + late[name]).items()))
         d["packed"] = int(packed.get(name, 0))
+        dropped.update(d["dropped"])
+        if d["packed"] + sum(d["dropped"].values()) != d["selected"]:  # a sample lost without a reason
+            raise OvisDataError(
+                f"{name}: {d['selected']} selected but {d['packed']} packed and "
+                f"{sum(d['dropped'].values())} dropped: please report this"
+            )
     records = sum(st["records"] for st in shards)
     tokens = sum(st["tokens"] for st in shards)
     return {

@@ -19,6 +19,7 @@ import webdataset as wds
 from PIL import Image
 from test_templates import by_hand_caption, by_hand_chat
 from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenizer, save
+from test_validate import CONV_ROWS, make_root, write_meta
 
 from ovis_data.catalog import catalog_path, check_catalog_current
 from ovis_data.errors import OvisDataError
@@ -213,8 +214,10 @@ def test_captions_weights_and_drops_are_counted(root: Path, tmp_path: Path):
     pq.write_table(pa.concat_tables([table, pa.Table.from_pylist([blank], schema=table.schema)]), path)
     m = pack_stage(recipe, root, qwen_path(), tmp_path / "out", processes=1, packs_per_shard=64)
     d = m["datasets"]["coyo-10m"]
-    assert d["dropped"] == {"no_label": 1}  # only <image> and blanks: nothing to learn
-    assert d["selected"] == d["kept"] + round(0.5 * d["kept"]) and d["packed"] == d["selected"]
+    # the weight draws from the whole catalog: the blank caption is drawn once, or twice, then dropped
+    assert d["dropped"] in ({"no_label": 1}, {"no_label": 2})  # only <image> and blanks: nothing to learn
+    assert d["selected"] == d["catalog"] + round(0.5 * d["catalog"]) and d["kept"] == d["catalog"] - 1
+    assert d["packed"] + d["dropped"]["no_label"] == d["selected"]
     assert m["template"]["captions"] == {"coyo-10m": "<image>'s caption: "}
     assert (
         _check_records_match_rules(tmp_path / "out" / "stage1", root, qwen_tokenizer(), "qwen") == d["packed"]
@@ -226,7 +229,9 @@ def test_captions_weights_and_drops_are_counted(root: Path, tmp_path: Path):
     assert (
         llava["dropped"]["too_long"] > 0 and llava["kept"] + llava["dropped"]["too_long"] == llava["catalog"]
     )
-    assert m["datasets"][STAGE3_TEXT_ONLY]["selected"] == round(0.5 * m["datasets"][STAGE3_TEXT_ONLY]["kept"])
+    text_only = m["datasets"][STAGE3_TEXT_ONLY]
+    assert text_only["selected"] == round(0.5 * text_only["catalog"])
+    assert text_only["packed"] + sum(text_only["dropped"].values()) == text_only["selected"]
     assert m["dropped"]["too_long"] == sum(x["dropped"].get("too_long", 0) for x in m["datasets"].values())
 
 
@@ -248,6 +253,46 @@ def test_a_catalog_whose_meta_file_changed_is_refused(root: Path, tmp_path: Path
     with pytest.raises(OvisDataError, match=r"does not record its meta file.*re-run `ovis-data validate"):
         check_catalog_current(catalog, "coyo-10m", meta)
     assert not (tmp_path / "out" / "stage1").exists()
+
+
+def test_a_corpus_with_every_defect_packs_only_good_samples(tmp_path: Path):
+    """One of each bad sample and bad caption beside good ones: only the good are packed, each exactly as
+    the rules give from its meta row; an image lost after validation is a counted drop, so per dataset
+    selected = packed + dropped, and the datasets come in a stable order."""
+    root, info = make_root(tmp_path)
+    write_meta(root)
+    conv = [s for s, _ in CONV_ROWS] + [3.5, None, "a string", [CONV_ROWS[0][0]]]
+    (root / "meta_files" / "conv.json").write_text(json.dumps(conv))
+    caps = ["A red square <image> here.", "Dark.", "  \n\t ", " <image> ", "fine", "gone"]
+    paths = ["a.jpg", "c.jpg", "a.jpg", "a.jpg", None, "nope.jpg"]
+    pq.write_table(pa.table({"image_path": paths, "caption": caps}), root / "meta_files" / "caps.parquet")
+    registry = load_registry(info)
+    good = {}
+    for name in ("conv", "caps", "text"):
+        res = validate_dataset(registry[name], root, processes=1)
+        good[name] = {r["row"] for r in pq.read_table(catalog_path(root, name)).to_pylist()}
+        assert res.good == len(good[name]) and res.bad > 0
+    assert good["caps"] == {0, 1} and good["conv"] == {0, 1, 2, 3, 4}
+    (root / "images" / "set" / "c.jpg").unlink()  # gone since validation: ok2 and caps row 1 use it
+    recipe = _recipe(tmp_path, 3, {"text": 1.0, "conv": 1.0, "caps": 1.0}, 1024)
+    m = pack_stage(
+        recipe, root, qwen_path(), tmp_path / "out", processes=1, visual_tokens=6, registry=registry
+    )
+    assert list(m["datasets"]) == ["caps", "conv", "text"]
+    for name, d in m["datasets"].items():
+        assert d["selected"] == d["packed"] + sum(d["dropped"].values()), name
+    assert m["datasets"]["conv"]["dropped"] == {"image_unreadable": 1}
+    assert m["datasets"]["caps"]["dropped"] == {"image_unreadable": 1}
+    assert m["dropped"] == {"image_unreadable": 2}
+    n = _check_records_match_rules(tmp_path / "out" / "stage3", root, qwen_tokenizer(), "qwen")
+    assert n == m["samples"] == sum(len(g) for g in good.values()) - 2
+    packed = {
+        (p["dataset"], p["row"])
+        for shard in sorted((tmp_path / "out" / "stage3").glob("*.tar"))
+        for rec in read_records(shard)
+        for p in rec.meta["samples"]
+    }
+    assert packed == {(d, r) for d, rows in good.items() for r in rows} - {("conv", 1), ("caps", 1)}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
