@@ -81,8 +81,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 
 def load_tokenizer(path: str | Path) -> Any:
     """A fast Hugging Face tokenizer from a directory (or hub-style name already on disk)."""
-    from transformers import AutoTokenizer
-
     local = Path(path).expanduser()
     if local.is_file():
         raise OvisDataError(f"{path}: a file; --tokenizer takes the tokenizer's folder")
@@ -91,6 +89,11 @@ def load_tokenizer(path: str | Path) -> Any:
             f"{path}: no tokenizer in this folder (expected tokenizer.json or tokenizer_config.json, "
             "as the LLM's save_pretrained writes them)"
         )
+    text = str(path)
+    if not local.exists() and (local.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1):
+        raise OvisDataError(f"{path}: no such tokenizer folder")  # a path, never a hub name (org/name)
+    from transformers import AutoTokenizer  # after the checks above: its import takes seconds
+
     try:
         tok = AutoTokenizer.from_pretrained(str(local if local.is_dir() else path))
     except (OSError, ValueError) as e:

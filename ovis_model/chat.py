@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .batching import expand_image_placeholders
 from .constants import IMAGE_TOKEN
-from .prompt import FORMATS, generation_prompt, stop_token
+from .prompt import FORMATS, generation_prompt, stop_ids
 
 
 class ChatError(ValueError):
@@ -81,7 +81,7 @@ def chat(
         raise ValueError("the model has no text tokenizer: load it with Ovis.from_pretrained(model_dir)")
     template = model.config.conversation_template
     if template is None:
-        raise ValueError(f"config.conversation_template is unset; set one of {sorted(FORMATS)}")
+        raise ValueError(f"config.conversation_template is unset; one of {sorted(FORMATS)} or chat_template")
     pil_images = load_images(images)
     prompt, ids = generation_prompt(tokenizer, template, build_query(text, len(pil_images)), system)
     ids_np, _, _ = expand_image_placeholders(ids, [0] * len(ids), [len(ids)], model.num_visual_tokens)
@@ -93,10 +93,10 @@ def chat(
     model.eval()
     inputs_embeds = model.embed_inputs(input_ids, pixel_values)
 
-    stop = [tokenizer.convert_tokens_to_ids(stop_token(FORMATS[template]))]
+    stop = stop_ids(tokenizer, template)
     eos = model.llm.generation_config.eos_token_id
     stop += [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None and e not in stop]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
     gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
     if do_sample:
         gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
@@ -121,9 +121,9 @@ def chat(
 
 def load_for_chat(model_dir: str | Path, device: str | None = None, dtype: str | None = None):  # noqa: ANN201
     """An `Ovis` from a trained directory on `device` (default cuda if present) in `dtype` (bf16 on cuda)."""
+    _check_model_dir(Path(model_dir))  # before transformers' import, seconds of it
     from .modeling import Ovis
 
-    _check_model_dir(Path(model_dir))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = (
         getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
