@@ -51,8 +51,8 @@ def chat_command(
 ) -> None:
     """Answer QUESTION about the images with the Ovis model in MODEL_DIR (greedy unless --sample).
 
-    Example (the demo's final model and one of its images):
-        ovis-chat demo_out/run/stage3/model -i demo_out/data/images/coco/00000.jpg "Describe the image."
+    Example (after ovis-data demo: its final model and the image it asked about):
+        ovis-chat demo_out/run/stage3/model -i demo_out/example.jpg "Describe the image."
     """
     from .chat import chat, load_for_chat, load_images
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 from conftest import run_cli
 
 from ovis_data.registry import load_registry
@@ -120,3 +127,98 @@ def test_demo_runs_end_to_end(tmp_path: Path):
         assert len(losses) == 4 and losses[-1] < losses[0]  # the trainer trained every stage
     assert "deliberately broken" in out.stdout
     assert "Its answer about" in out.stdout
+
+
+def test_errors_are_one_plain_line_naming_the_path(tmp_path: Path):
+    """Each mistake a new user makes: exit 2, one line on stderr that names the path, no traceback.
+    The processes run side by side (each pays ~1-3 s of imports)."""
+    root = tmp_path / "root"  # a data root, not a packed shard or a model
+    (root / "meta_files").mkdir(parents=True)
+    (tmp_path / "empty_tok").mkdir()
+    llm = tmp_path / "bare_llm"  # a base LLM folder, not an Ovis model
+    llm.mkdir()
+    (llm / "config.json").write_text('{"model_type": "qwen2"}')
+    readme = str(Path(__file__).parents[1] / "README.md")
+    data = ["-m", "ovis_data"]
+    chat = ["-c", "from ovis_model.chat_cli import main; main()"]
+    pack = [*data, "pack", "--stage", "1", "--root", str(root), "--out", str(tmp_path / "o")]
+    cases = [  # (argv after python, what stderr must name)
+        ([*data, "inspect", readme], readme),
+        ([*data, "inspect", str(root)], str(root)),
+        ([*pack, "--tokenizer", "/nonexistent/tok"], "/nonexistent/tok"),
+        ([*pack, "--tokenizer", str(tmp_path / "empty_tok")], str(tmp_path / "empty_tok")),
+        ([*chat, str(root), "hi"], str(root)),
+        ([*chat, str(llm), "hi"], str(llm)),
+        ([*chat, str(llm), "-i", readme, "hi"], readme),
+        ([*data, "validate", "--root", str(tmp_path / "missing")], str(tmp_path / "missing")),
+        ([*data, "validate", "coyo-11m", "--root", str(root)], "coyo-11m"),
+        ([*data, "pack", "--stage", "x"], "--stage"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "OVIS_DATA_ROOT"}
+    env["HF_HUB_OFFLINE"] = "1"  # the nonexistent tokenizer must not be looked up on the network
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for argv, _ in cases
+    ]
+    for (argv, named), proc in zip(cases, procs, strict=True):
+        out, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2, (argv, out, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (argv, err)
+        assert "Traceback" not in out + err
+
+
+def _programs() -> dict[str, Any]:
+    """Each program's click command, as its entry point builds it."""
+    from typer.main import get_command
+
+    from ovis_data.cli import app as data_app
+    from ovis_data.clikit import polish
+    from ovis_model.chat_cli import app as chat_app
+    from ovis_model.train.cli import app as train_app
+
+    return {
+        name: polish(get_command(a))
+        for name, a in (("ovis-data", data_app), ("ovis-train", train_app), ("ovis-chat", chat_app))
+    }
+
+
+def _parse(cmd: Any, prog: str, args: list[str]) -> Any:
+    """The context `args` parse into (the subcommand's for ovis-data): raises on any usage error."""
+    if hasattr(cmd, "commands"):  # ovis-data takes no options of its own but --help and --version
+        name, *rest = args
+        return cmd.commands[name].make_context(name, rest)
+    return cmd.make_context(prog, list(args))
+
+
+def test_every_help_shows_an_example_that_parses_and_the_readme_agrees(capsys: pytest.CaptureFixture):
+    programs = _programs()
+    commands = [("ovis-train", programs["ovis-train"], []), ("ovis-chat", programs["ovis-chat"], [])]
+    commands += [("ovis-data", programs["ovis-data"], [])]
+    commands += [("ovis-data", sub, [name]) for name, sub in programs["ovis-data"].commands.items()]
+    for prog, cmd, path in commands:
+        with pytest.raises(SystemExit) as done:
+            top = programs[prog]
+            top.main([*path, "--help"], prog_name=prog)
+        assert done.value.code == 0
+        shown = capsys.readouterr().out
+        assert "Example" in shown and "<bool>" not in shown and "{" not in shown.split("\n\n")[1], shown
+        examples = [line.strip() for line in cmd.help.splitlines() if line.strip().startswith(prog + " ")]
+        assert examples, f"{prog} {' '.join(path)}: no example in its help"
+        for line in examples:
+            words = shlex.split(line)[1:]
+            ctx = _parse(programs[prog], prog, words)
+            assert path == [] or ctx.info_name == path[0], line
+    # Every option the README's command table shows is one the command takes.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| `((?:ovis-data|ovis-train|ovis-chat)[^`]*)` \|", readme, re.M)
+    assert len(rows) >= 8
+    for row in rows:
+        prog, *words = row.split()
+        cmd = programs[prog]
+        if prog == "ovis-data":
+            cmd = cmd.commands[words[0]]
+        known = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        assert set(re.findall(r"--[a-z-]+", row)) <= known, row

@@ -27,6 +27,10 @@ def demo(
     validates it, packs stages 1-3 with the real Qwen2.5 tokenizer, trains a tiny Ovis on each stage's
     shards with ovis-train (DeepSpeed on one CPU process; stage 1 from a tiny LLM and ViT, each next stage
     from the last one's model), and asks the final model about an image.
+
+    Examples (everything in demo_out/; a quicker try with fewer training steps):
+        ovis-data demo
+        ovis-data demo --out /tmp/ovis-demo --train-steps 4
     """
     summary = run_demo(out, seed=seed, console=console, processes=processes, train_steps=train_steps)
     console.print(summary, soft_wrap=True)

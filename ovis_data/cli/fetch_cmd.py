@@ -13,7 +13,7 @@ from ..fetch import FetchOptions, ImageParams, NetParams, fetch_datasets, parse_
 from ..fetch.report import summary_table
 from ..registry import load_registry, resolve_root
 from .app import app
-from .common import InfoOption, RootOption, console
+from .common import InfoOption, RootOption, console, err_console
 
 ENGINES = ("ovis", "img2dataset")
 
@@ -64,7 +64,8 @@ def fetch(
     shards of rows; a finished shard is never fetched again. Exit status 0 when the run completes (failed
     URLs are counted in the report, not errors), 2 for usage errors.
 
-    Example: ovis-data fetch coyo-10m --root /data/ovis --layout shards --report coyo.json
+    Example:
+        ovis-data fetch coyo-10m --root /data/ovis --layout shards --report coyo.json
     """
     if engine not in ENGINES:
         raise OvisDataError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
@@ -95,9 +96,9 @@ def fetch(
     if engine == "img2dataset":
         from ..fetch.img2dataset_engine import fetch_datasets_with_img2dataset
 
-        reports = fetch_datasets_with_img2dataset(names, base, options, registry, console)
+        reports = fetch_datasets_with_img2dataset(names, base, options, registry, err_console)
     else:
-        reports = fetch_datasets(names, base, options, registry, console)
+        reports = fetch_datasets(names, base, options, registry, err_console)
     for r in reports:
         console.print(summary_table(r))
     if report is not None:

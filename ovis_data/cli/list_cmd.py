@@ -30,7 +30,10 @@ def list_datasets(
     Without --root (or $OVIS_DATA_ROOT) only the registry is shown. With --stage N or --recipe FILE: what
     that recipe would use (its datasets and weights, lengths, DeepSpeed config, training settings).
 
-    Example: ovis-data list --recipe my_recipe.toml --dataset-info my_info.json --root /data/mine
+    Examples (everything under a root; what stage 3's recipe would use; your own recipe and datasets):
+        ovis-data list --root /data/ovis
+        ovis-data list --stage 3
+        ovis-data list --recipe my_recipe.toml --dataset-info my_info.json --root /data/mine
     """
     base = resolve_root(root) if (root is not None or os.environ.get(ROOT_ENV)) else None
     if stage is not None or recipe is not None:

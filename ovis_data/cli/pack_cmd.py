@@ -56,10 +56,11 @@ def pack(
     Runs validation first for datasets without a catalog. A killed run resumes where it stopped; the same
     inputs and seed give byte-identical shards whatever --processes.
 
-    Example: ovis-data pack --stage 3 --root /data/ovis --tokenizer /models/Qwen2.5-7B --out /data/packed
+    Example:
+        ovis-data pack --stage 3 --root /data/ovis --tokenizer /models/Qwen2.5-7B --out /data/packed
 
-    Your own datasets: ovis-data pack --recipe my_recipe.toml --dataset-info my_info.json ... (the recipe's
-    `stage` names the folder: OUT/stageN)
+    Your own datasets (the recipe's `stage` names the folder: OUT/stageN):
+        ovis-data pack --recipe my_recipe.toml --dataset-info my_info.json --tokenizer /models/qwen --out OUT
     """
     chosen, registry = select_recipe(stage, recipe, dataset_info)
     with ProgressDisplay(quiet) as shown:

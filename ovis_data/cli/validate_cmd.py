@@ -54,9 +54,12 @@ def validate(
     --meta-only checks the meta files and that each image exists. Exit status: 0 when every sample is
     good, 1 when some are bad (catalogs still written), 2 for usage or configuration errors.
 
-    Example: ovis-data validate llava-finetune-665k --root /data/ovis --report bad.json
+    Examples:
+        ovis-data validate llava-finetune-665k --root /data/ovis --report bad.json
+        ovis-data validate --stage 3 --deep
 
-    Your own datasets: ovis-data validate --recipe my_recipe.toml --dataset-info my_info.json --root ROOT
+    Your own datasets:
+        ovis-data validate --recipe my_recipe.toml --dataset-info my_info.json --root /data/mine
     """
     if deep and meta_only:
         raise typer.BadParameter("--deep and --meta-only exclude each other")
