@@ -66,7 +66,7 @@ class Monitor:
         self._warned_at = -WARN_WINDOW
         self.warn_rate = 0.5
         self._progress: Progress | None = None
-        if console is not None:
+        if console is not None and console.is_terminal:  # a bar in a log file is noise; warnings still go
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),

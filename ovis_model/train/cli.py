@@ -103,6 +103,10 @@ def train_command(
         overrides=list(overrides or []),
         dataset_info=dataset_info,
     )
+    if not sys.stderr.isatty():  # transformers' own progress bars (saving the model) would fill a log
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         train(args, say=lambda text: print(text, flush=True))
     except TrainError as e:
