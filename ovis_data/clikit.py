@@ -145,6 +145,14 @@ def run(app: typer.Typer, prog: str, errors: tuple[type[BaseException], ...]) ->
 # -- progress -----------------------------------------------------------------------------------------
 
 
+def hf_bars_only_on_a_terminal() -> None:
+    """transformers' own bars (loading and saving weights) off when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 class _Rate(ProgressColumn):
     """Items per second over the run so far, in the task's own unit."""
 

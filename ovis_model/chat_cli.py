@@ -8,7 +8,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from ovis_data.clikit import run, version_option
+from ovis_data.clikit import hf_bars_only_on_a_terminal, run, version_option
 from ovis_data.errors import OvisDataError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -57,6 +57,7 @@ def chat_command(
     from .chat import chat, load_for_chat, load_images
 
     images = load_images([str(p) for p in image or []])  # a bad image fails before the model loads
+    hf_bars_only_on_a_terminal()
     model = load_for_chat(model_dir, device=device, dtype=dtype)
     result = chat(
         model,

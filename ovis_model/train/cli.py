@@ -8,7 +8,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from ovis_data.clikit import run, version_option
+from ovis_data.clikit import hf_bars_only_on_a_terminal, run, version_option
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -103,10 +103,7 @@ def train_command(
         overrides=list(overrides or []),
         dataset_info=dataset_info,
     )
-    if not sys.stderr.isatty():  # transformers' own progress bars (saving the model) would fill a log
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    hf_bars_only_on_a_terminal()
     try:
         train(args, say=lambda text: print(text, flush=True))
     except TrainError as e:
