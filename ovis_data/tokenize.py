@@ -201,6 +201,11 @@ class SampleEncoder:
         self._twin: Callable[[str], list[int]] | None = None
         self._memo: dict[str, list[int]] = {}
         self._header_len: dict[str, int] = {}
+        # A tokenizer's own chat template may end its assistant header in white space that merges into
+        # the answer's first word ("ASSISTANT: " + "Hi" -> "ASSISTANT", ":", " Hi"): there the header
+        # alone is one token longer than in context, and the boundary is found by character offsets.
+        # The fixed formats' headers end in a special token or a newline, as the original tokenized them.
+        self._headers_in_context = isinstance(chat_format, ChatTemplateFormat)
 
     # -- rendering ----------------------------------------------------------------------------------
     def encode_captions(self, captions: Sequence[str | None], template: str | None = None) -> Encoded:
@@ -230,6 +235,19 @@ class SampleEncoder:
         if twin and self._twin is not None:
             return list(map(self._twin, texts))
         return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
+
+    def context_header_length(self, header: str, text: str) -> int:
+        """Tokens of `text` (which starts with `header`) that lie wholly inside the header, as `text`
+        tokenizes: a token that spans the header's end holds answer text and is supervised."""
+        piece = text.split(IMAGE_MARK, 1)[0]
+        if not text.startswith(header) or len(header) > len(piece):
+            return self.header_length(header)
+        n = 0
+        for _, end in self._backend.encode(piece, add_special_tokens=False).offsets:
+            if end > len(header):
+                break
+            n += 1
+        return n
 
     def header_length(self, header: str) -> int:
         n = self._header_len.get(header)
@@ -280,7 +298,10 @@ class SampleEncoder:
                     chunks.append(ids)
                     pos += len(ids)
                 if turn.header is not None:
-                    sup_start.append(start + self.header_length(turn.header))
+                    if self._headers_in_context:
+                        sup_start.append(start + self.context_header_length(turn.header, turn.text))
+                    else:
+                        sup_start.append(start + self.header_length(turn.header))
                     sup_end.append(pos - 1 if turn.drop_last else pos)
             offsets.append(pos)
         ids_arr = np.fromiter(chain.from_iterable(chunks), dtype=np.int32, count=pos)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ovis_data.errors import OvisDataError
-from ovis_data.templates import FIXED_FORMATS, ChatFormat, Turn, detect_chat_format
+from ovis_data.templates import FIXED_FORMATS, ChatFormat, ChatTemplateFormat, Turn, detect_chat_format
 from ovis_data.tokenize import SampleEncoder
 
 FORMATS: dict[str, ChatFormat] = FIXED_FORMATS
@@ -21,12 +21,20 @@ def stop_token(fmt: ChatFormat) -> str:
 
 
 def detect_template(tokenizer: Any) -> str | None:
-    """The chat format family from the tokenizer's special tokens, or None when unknown."""
+    """The chat format family from the tokenizer's special tokens, "chat_template" for a tokenizer with
+    only its own chat template (as pack falls back to), or None when it has neither."""
     try:
         fmt = detect_chat_format(tokenizer, "auto")
     except OvisDataError:
         return None
-    return fmt.name if fmt.name in FORMATS else None
+    return fmt.name
+
+
+def stop_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end an answer: the format's turn end, or the tokenizer's EOS for its own template."""
+    if template in FORMATS:
+        return [tokenizer.convert_tokens_to_ids(stop_token(FORMATS[template]))]
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
 def generation_prompt(
@@ -34,10 +42,33 @@ def generation_prompt(
 ) -> tuple[str, list[int]]:
     """(prompt text, ids): the system turn (the format's default unless given), the user's query, then
     an open assistant header."""
-    if template not in FORMATS:
-        raise ValueError(f"unknown chat template {template!r}; known: {sorted(FORMATS)}")
-    fmt = FORMATS[template]
     roles, texts = (["system", "human"], [system, query]) if system is not None else (["human"], [query])
+    if template == "chat_template":
+        return _own_template_prompt(tokenizer, roles, texts)
+    if template not in FORMATS:
+        raise ValueError(f"unknown chat template {template!r}; known: {sorted(FORMATS)}, chat_template")
+    fmt = FORMATS[template]
     turns = [*fmt.render(roles, texts), Turn(fmt.roles["gpt"])]
     ids, _ = SampleEncoder(tokenizer, fmt).encode_turns([turns]).sample(0)
     return "".join(t.text for t in turns), ids.tolist()
+
+
+def _own_template_prompt(tokenizer: Any, roles: list[str], texts: list[str | None]) -> tuple[str, list[int]]:
+    """The tokenizer's own chat template: the conversation's turns as pack tokenizes them, then the
+    assistant header's tokens as they are in training, where an answer follows. White space that merges
+    into the answer's first word there ("ASSISTANT: " + "Hi" -> " Hi") is left for the model to write,
+    as it learned to."""
+    fmt = ChatTemplateFormat(tokenizer)
+    turns = fmt.render(roles, [t or "" for t in texts])
+    done = "".join(t.text for t in turns)
+    opened = fmt.generation_prompt(roles, [t or "" for t in texts])
+    if not opened.startswith(done):
+        raise ValueError("the chat template's generation prompt does not extend the conversation it renders")
+    header = opened[len(done) :]
+    encoder = SampleEncoder(tokenizer, fmt)
+    probe = header + "Answer"  # a typical first word
+    n = encoder.context_header_length(header, probe)
+    head = tokenizer(probe, add_special_tokens=False, return_offsets_mapping=True)
+    ids, _ = encoder.encode_turns([turns]).sample(0)
+    end = head["offset_mapping"][n - 1][1] if n else 0
+    return done + header[:end], ids.tolist() + list(head["input_ids"][:n])

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_templates_tokenizers import gemma_tokenizer, llama3_tokenizer, qwen_path, qwen_tokenizer
+from test_templates_tokenizers import _train_bpe, gemma_tokenizer, llama3_tokenizer, qwen_path, qwen_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ovis_data.errors import OvisDataError
 from ovis_data.templates import GEMMA, LLAMA3, QWEN, ChatTemplateFormat, detect_chat_format
 from ovis_data.tokenize import SampleEncoder
+from ovis_model.prompt import detect_template, generation_prompt, stop_ids
 
 LONG = " ".join(f"step {i}: the model reads the image, then answers; " for i in range(600))
 
@@ -226,7 +227,23 @@ def test_generic_chat_template_path_derives_the_chatml_labels():
     assert isinstance(generic.chat_format, ChatTemplateFormat)
     enc, got = ours(generic, CONVERSATIONS)
     assert list(enc.errors) == [len(CONVERSATIONS) - 1]  # opens with an answer: no header to derive
-    assert got[:-1] == ours(SampleEncoder(tok, QWEN), CONVERSATIONS[:-1])[1]
+    fixed = ours(SampleEncoder(tok, QWEN), CONVERSATIONS[:-1])[1]
+    for i, (conv, (ids, labels), (want_ids, want_labels)) in enumerate(
+        zip(CONVERSATIONS[:-1], got[:-1], fixed, strict=True)
+    ):
+        assert ids == want_ids, i
+        if conv[-1][1].startswith("\n"):
+            # the header's "\n" and the answer's leading ones are one token in context: the generic path
+            # supervises it (it holds answer text); the fixed format keeps the original rule (header
+            # tokenized alone)
+            diff = [k for k, (a, b) in enumerate(zip(labels, want_labels, strict=True)) if a != b]
+            assert (
+                len(diff) == 1
+                and want_labels[diff[0]] == -100
+                and tok.decode([ids[diff[0]]]).startswith("\n\n")
+            )
+        else:
+            assert labels == want_labels, i
 
 
 def test_generic_path_refuses_templates_that_rewrite_earlier_turns():
@@ -246,3 +263,70 @@ def test_generation_prompt_opens_an_assistant_turn():
     assert LLAMA3.generation_prompt(["human"], ["Hi "]).endswith(
         "user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+# Vicuna-style: the assistant header ends in a space, which Qwen2.5's tokenizer merges into the next word.
+VICUNA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+    "{% elif m['role'] == 'user' %}{{ 'USER: ' + m['content'] + '\\n' }}"
+    "{% else %}{{ 'ASSISTANT: ' + m['content'] + '<|endoftext|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT: ' }}{% endif %}"
+)
+
+
+def vicuna_tokenizer():
+    tok = AutoTokenizer.from_pretrained(qwen_path())
+    tok.chat_template = VICUNA_TEMPLATE
+    return tok
+
+
+def supervised_spans(ids, labels) -> list[list[int]]:
+    spans, cur = [], []
+    for t, lab in zip(ids, labels, strict=True):
+        if lab != -100:
+            cur.append(t)
+        elif cur:
+            spans, cur = [*spans, cur], []
+    return spans + ([cur] if cur else [])
+
+
+def test_header_ending_in_white_space_supervises_the_answers_first_token():
+    tok = vicuna_tokenizer()
+    alone = tok("ASSISTANT: ", add_special_tokens=False).input_ids
+    assert len(tok("ASSISTANT: Paris", add_special_tokens=False).input_ids) == len(alone)  # " Paris" merged
+    convs = [
+        [("human", "Capital of France?"), ("gpt", "Paris is the capital.")],
+        [
+            ("system", "Be brief."),
+            ("human", "<image>\nWhat is it?"),
+            ("gpt", "A red bus."),
+            ("human", "Colour?"),
+            ("gpt", "Red"),
+        ],
+    ]
+    enc, got = ours(SampleEncoder(tok, detect_chat_format(tok, "chat_template")), convs)
+    assert not enc.errors
+    for conv, (ids, labels) in zip(convs, got, strict=True):
+        answers = [v for f, v in conv if f == "gpt"]
+        # every answer whole, from its first word (the space it took from the header) to the end marker
+        assert [tok.decode(s) for s in supervised_spans(ids, labels)] == [
+            f" {a}<|endoftext|>" for a in answers
+        ]
+
+
+def test_ovis_chat_prompts_such_a_model_as_it_was_trained():
+    # a tokenizer with none of the fixed formats' special tokens, only its own template: chat_template
+    own = PreTrainedTokenizerFast(
+        tokenizer_object=_train_bpe(["<|endoftext|>"], None), eos_token="<|endoftext|>"
+    )
+    own.chat_template = VICUNA_TEMPLATE
+    assert detect_template(own) == "chat_template"
+    tok = vicuna_tokenizer()  # Qwen2.5's real tokenizer with that template
+    query = "<image>\nCapital of France?"
+    text, ids = generation_prompt(tok, "chat_template", query)
+    assert text.endswith("USER: <image>\nCapital of France?\nASSISTANT:")  # the space is the answer's
+    enc = SampleEncoder(tok, detect_chat_format(tok, "chat_template"))
+    train_ids, labels = enc.encode_conversations([["human", "gpt"]], [[query, "Paris."]]).sample(0)
+    first = int(np.flatnonzero(labels != -100)[0])
+    assert train_ids[:first].tolist() == ids  # training's tokens up to the first supervised one
+    assert stop_ids(tok, "chat_template") == [tok.eos_token_id]
