@@ -43,7 +43,10 @@ class MetaFileError(OvisDataError):
 
 
 def _json_form(path: Path) -> str:
-    # Naming the form reads twice as fast as DuckDB's format='auto', which parses to detect it.
+    # Naming the form reads twice as fast as DuckDB's format='auto', which parses to detect it. A .jsonl
+    # file is JSON lines even when its first sample is a list (one bad sample, not a JSON list).
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        return "newline_delimited"
     return "array" if _first_char(path) == "[" else "newline_delimited"
 
 
@@ -200,7 +203,7 @@ def _array_problem(path: Path, chunk: int = 1 << 24) -> str | None:
     return None
 
 
-def _malformed(path: Path, e: duckdb.Error) -> MetaFileError:
+def _malformed(path: Path, e: duckdb.Error | UnicodeDecodeError) -> MetaFileError:
     """A DuckDB refusal of the whole file, in plain words (never DuckDB's own)."""
     if _is_parquet(path):
         return MetaFileError("meta_file_malformed", path, "not a readable parquet file")
@@ -418,8 +421,10 @@ def _load_source(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, path: Path) 
         ).fetchall()[0][0]
         if not unsure:
             return False
-    except duckdb.InvalidInputException as e:
-        text = str(e).lower()
+    except (duckdb.InvalidInputException, UnicodeDecodeError) as e:
+        # DuckDB may cut its message inside a UTF-8 character (it quotes the sample): then the message
+        # itself fails to decode, and its bytes are read here
+        text = (e.object.decode("utf-8", "replace") if isinstance(e, UnicodeDecodeError) else str(e)).lower()
         if "transform error" not in text and "conversion" not in text:
             raise
     # Some sample does not fit the typed shape: read every sample as JSON to name it.
@@ -468,7 +473,12 @@ def load_meta(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, path: Path) -> 
             turns = _TURNS_JSON if generic or _is_parquet(path) else _TURNS_TYPED
             _run(con, [_CONVERSATION_FINAL.format(turns=turns, text_types=TEXT_TYPES)], params)
         con.execute("DROP TABLE meta_src")
-    except (duckdb.InvalidInputException, duckdb.IOException, duckdb.ConversionException) as e:
+    except (
+        duckdb.InvalidInputException,
+        duckdb.IOException,
+        duckdb.ConversionException,
+        UnicodeDecodeError,
+    ) as e:
         raise _malformed(path, e) from e
     # './a.jpg' names the same file as 'a.jpg': normalize once so joins and the catalog agree.
     con.execute(

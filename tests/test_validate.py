@@ -13,6 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from ovis_data.catalog import read_catalog, rejected_path
@@ -505,3 +507,87 @@ def test_typed_fast_path_gives_the_same_reasons(root_info):
     (root / "meta_files" / "conv.json").write_text(json.dumps([s for s, _ in rows]))
     validate_dataset(reg["conv"], root, processes=1)
     assert rejected(root, "conv") == {str(s["id"]): r for s, r in rows if r}
+
+
+# -- property: whatever the samples, validate names every bad one and never fails the file ---------------
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12) | st.sampled_from(
+    ["<image>", "<image>\nWhat?", " \t\n", "", "a.jpg", "42"]
+)
+_SCALARS = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _TEXT
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+_IMAGE = st.sampled_from(["a.jpg", "sub/b.png", "nope.jpg", "../x.jpg", "/etc/passwd", ""]) | _JSON
+_TURN = st.fixed_dictionaries(
+    {},
+    optional={
+        "from": st.sampled_from(["human", "gpt", "system", "assistant"]) | _JSON,
+        "value": _TEXT | _JSON,
+    },
+)
+_CONVERSATION = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.sampled_from(["x", "y"]) | _JSON,
+        "image": _IMAGE | st.lists(_IMAGE, max_size=3),
+        "conversations": st.lists(_TURN | _JSON, max_size=4) | _JSON,
+        "other": _JSON,
+    },
+)
+_CAPTION = st.fixed_dictionaries(
+    {}, optional={"id": _JSON, "image_path": _IMAGE, "caption": _TEXT | _JSON, "other": _JSON}
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    form=st.sampled_from(["json", "jsonl"]),
+    kind=st.sampled_from(["conversation", "caption"]),
+    data=st.data(),
+)
+def test_validate_accounts_for_every_random_sample(tmp_path: Path, capsys, form, kind, data):
+    samples = data.draw(st.lists((_CONVERSATION if kind == "conversation" else _CAPTION) | _JSON, max_size=8))
+    root = tmp_path / "root"
+    if not root.exists():
+        make_root(tmp_path)
+    meta = root / "meta_files" / f"p.{form}"
+    if form == "json":
+        meta.write_text(json.dumps(samples, ensure_ascii=False), encoding="utf-8")
+    else:
+        meta.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    info = tmp_path / "p.json"
+    info.write_text(
+        json.dumps({"p": {"meta_file": meta.name, "image_dir": "set", "data_format": kind, "stage": 3}})
+    )
+    res = validate_dataset(load_registry(info)["p"], root, mode="meta")
+    assert capsys.readouterr().err == ""
+    if res.error is not None:  # no sample at all, or none that is an object with an expected field
+        assert (
+            res.error.startswith(("meta_file_empty: ", "meta_file_malformed: ")) and not res.catalog_written
+        )
+        fields = (
+            ("id", "image", "conversations") if kind == "conversation" else ("id", "image_path", "caption")
+        )
+        assert not any(isinstance(s, dict) and any(s.get(f) is not None for f in fields) for s in samples)
+        return
+    assert res.total == len(samples) and res.good + res.bad == res.total
+    rej = pq.read_table(rejected_path(root, "p")).to_pylist()
+    assert len(rej) == res.bad and sum(res.by_reason.values()) == res.bad
+    assert all(r["reason"] and r["detail"] for r in rej)
+    cat = read_catalog(root, "p").to_pylist()
+    assert len(cat) == res.good
+    assert sorted(r["row"] for r in rej + cat) == list(range(len(samples)))
+    for r in cat:  # what pack reads is text of the right shape
+        sample = samples[r["row"]]
+        assert isinstance(sample, dict)
+        if kind == "conversation":
+            assert set(r["roles"]) <= {"system", "human", "gpt"} and len(r["roles"]) == len(r["texts"])
+            values = [t["value"] for t in sample["conversations"]]
+            assert all(isinstance(v, str) or type(v) in (int, float) for v in values)
+            assert r["texts"] == [v if isinstance(v, str) else r["texts"][i] for i, v in enumerate(values)]
+        else:
+            assert isinstance(sample["caption"], str) and clean_caption(r["caption"]) != ""
