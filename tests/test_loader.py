@@ -16,6 +16,7 @@ from ovis_model.batching import batch_to, count_targets, expand_image_placeholde
 from ovis_model.preprocess import OvisImageProcessor
 from ovis_model.tiny import random_packed_record
 from ovis_model.train.loader import PackedStage, TrainLoader
+from ovis_model.train.wire import SHARED, SLOT, SlotRing
 
 VISUAL_TOKENS = 6
 CAPACITY = 96
@@ -275,3 +276,29 @@ def test_shards_read_alike_through_the_header_walk_and_tarfile(stage_dir: Path, 
     keys = [r.key for _, r in plain]
     assert [k for _, k in mixed if k != "x" * 120] == keys
     assert [i for i, _ in mixed] == list(range(len(keys) + 1))
+
+
+def test_slot_ring_hands_over_exact_tensors_and_frees_its_slots() -> None:
+    """The worker -> main hand-over (wire.py) on real shared memory, in one process: a micro-batch that
+    fits goes through a reused slot, one too large through a fresh segment; the tensors come back equal."""
+    ring = SlotRing(workers=2, slots=2, nbytes=4096)
+    small = {
+        "input_ids": torch.arange(100, dtype=torch.long)[None],
+        "pixel_values": torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8),
+        "cu_seqlens": torch.tensor([0, 60, 100], dtype=torch.int32),
+        "max_seqlen": 60,
+    }
+    big = {**small, "pixel_values": torch.zeros(4, 28, 28, 3, dtype=torch.uint8)}
+    for round_ in range(3):  # slots are reused: worker 1 cycles through both, twice over
+        message = ring.put(1, small)
+        assert SLOT in message and "input_ids" not in message
+        assert ring.busy[1].sum() == 1
+        got = ring.take(message)
+        assert ring.busy.sum() == 0, round_
+        assert got["max_seqlen"] == 60 and set(got) == set(small)
+        for key in ("input_ids", "pixel_values", "cu_seqlens"):
+            assert got[key].dtype == small[key].dtype and torch.equal(got[key], small[key])
+        small["input_ids"] = small["input_ids"] + 1  # a slot's old contents never come back
+    message = ring.put(0, big)
+    assert SHARED in message and ring.busy.sum() == 0
+    assert torch.equal(ring.take(message)["pixel_values"], big["pixel_values"])

@@ -31,52 +31,19 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ovis_data.shards import Record, ShardError, iter_records
+from ovis_data.storage import as_path
 
 from ..batching import collate_packed
 from ..constants import IGNORE_INDEX
 from ..preprocess import OvisImageProcessor, decode_rgb
 from .plan import DEFAULT_WINDOW, RankPlan, ShardTable, epoch_plan
+from .wire import SlotRing, slot_bytes, to_shared
 
 MANIFEST = "manifest.json"
 STATE_VERSION = 1
-WIRE = "__wire__"  # key of a micro-batch's inputs packed into one shared buffer (see to_shared)
-_ALIGN = 64
-
-
-def to_shared(inputs: dict[str, Any]) -> dict[str, Any]:
-    """A worker's micro-batch with all its tensors copied into one shared-memory buffer. The DataLoader
-    hands each tensor over as its own shared-memory segment, and the main process pays a socket handshake
-    with the worker for each (about 1 ms of both processes' time on 2 busy cores: seven tensors cost the
-    main process ~7 ms per micro-batch); one buffer costs one. `from_shared` makes the views back."""
-    layout, size = [], 0
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            size = -(-size // _ALIGN) * _ALIGN  # every view starts aligned for its dtype
-            layout.append((key, value.dtype, tuple(value.shape), size))
-            size += value.numel() * value.element_size()
-    buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(size, 1)))
-    for key, dtype, shape, offset in layout:
-        nbytes = inputs[key].numel() * inputs[key].element_size()
-        buffer[offset : offset + nbytes].view(dtype).view(shape).copy_(inputs[key])
-    rest = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
-    return {WIRE: (buffer, layout), **rest}
-
-
-def from_shared(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of `to_shared` (views into the buffer, no copy); other dicts pass through."""
-    if WIRE not in inputs:
-        return inputs
-    buffer, layout = inputs[WIRE]
-    out = {k: v for k, v in inputs.items() if k != WIRE}
-    for key, dtype, shape, offset in layout:
-        n = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
-        out[key] = buffer[offset : offset + n].view(dtype).view(shape)
-    return out
-
-
 def read_manifest(data_dir: str | os.PathLike) -> tuple[dict, Path]:
     """The stage's manifest (and its path); a clear error when the folder or manifest is missing."""
-    data_dir = Path(data_dir)
+    data_dir = as_path(data_dir)  # a local folder, or a URL such as s3://bucket/packed/stage3
     path = data_dir / MANIFEST
     if not data_dir.is_dir():
         raise FileNotFoundError(
@@ -129,7 +96,7 @@ class PackedStage(IterableDataset):
         pad_to_multiple_of: int | None = None,
         skip_bad_shards: bool = False,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = as_path(data_dir)
         self.manifest, self.manifest_path = read_manifest(self.data_dir)
         self.table = ShardTable.from_manifest(self.manifest, str(self.manifest_path))
         if self.table.n_records == 0:
@@ -142,6 +109,7 @@ class PackedStage(IterableDataset):
         self.pad_token_id, self.pad_to_multiple_of = int(pad_token_id), pad_to_multiple_of
         self.skip_bad_shards = skip_bad_shards
         self.epoch, self.start = 0, 0  # where the next iteration begins (set by TrainLoader)
+        self.ring: SlotRing | None = None  # the workers' shared buffers (set by TrainLoader)
         self._plans: dict[int, RankPlan] = {}
         self.plan(0)  # a budget below the capacity fails here, before any worker starts
 
@@ -299,7 +267,7 @@ class PackedStage(IterableDataset):
         n_images = sum(len(r["images"]) for r in parts)
         tokens = int(inputs["input_ids"].numel())
         return {
-            "inputs": to_shared(inputs) if get_worker_info() is not None else inputs,
+            "inputs": self._hand_over(inputs),
             "n_supervised": n_supervised,
             "meta": {
                 "epoch": plan.epoch,
@@ -315,6 +283,20 @@ class PackedStage(IterableDataset):
                 "bad": bad,
             },
         }
+
+
+    def _hand_over(self, inputs: dict) -> dict:
+        """In a worker: the micro-batch's tensors left in shared memory for the main process (wire.py)."""
+        info = get_worker_info()
+        if info is None:
+            return inputs
+        return self.ring.put(info.id, inputs) if self.ring is not None else to_shared(inputs)
+
+    def slot_bytes(self) -> int:
+        tokens = self.micro_batch_tokens
+        if self.pad_to_multiple_of:
+            tokens = -(-tokens // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return slot_bytes(tokens, self.num_visual_tokens, self.image_processor.image_size)
 
 
 class TrainLoader:
@@ -358,7 +340,11 @@ class TrainLoader:
 
     def _dataloader(self) -> DataLoader:
         kwargs: dict[str, Any] = {}
+        self.dataset.ring = None
         if self.num_workers > 0:
+            # each worker's micro-batches in flight (prefetch_factor) plus the one it is filling
+            slots = self.prefetch_factor + 1
+            self.dataset.ring = SlotRing(self.num_workers, slots, self.dataset.slot_bytes())
             context = mp.get_context(self.mp_context)
             if self.mp_context == "forkserver":
                 # workers fork from a server that imported torch and this module once, not per worker
@@ -375,8 +361,11 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.set_position(self.epoch, self.consumed)
         n = self.dataset.plan(self.epoch).n_batches
-        for batch in self._dataloader():
-            batch["inputs"] = from_shared(batch["inputs"])
+        loader = self._dataloader()
+        ring = self.dataset.ring
+        for batch in loader:
+            if ring is not None:
+                batch["inputs"] = ring.take(batch["inputs"], self.pin_memory)
             meta = batch["meta"]
             if (meta["epoch"], meta["step"]) != (self.epoch, self.consumed):
                 raise RuntimeError(
