@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constants import DEFAULT_CAPTION_TEMPLATE
 from .errors import OvisDataError
 from .resources import resource_path
 
 FORMATS = ("caption", "conversation")
-DEFAULT_CAPTION_TEMPLATE = "<image>'s caption: "
 ROOT_ENV = "OVIS_DATA_ROOT"
 
 

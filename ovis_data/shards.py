@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from .templates import IGNORE_ID
+from .constants import IGNORE_ID, vit_resized_size
 
 JPEG_QUALITY = 95
 _ZERO_BLOCK = bytes(512)
@@ -58,10 +58,7 @@ def resize_for_vit(data: bytes, size: int) -> tuple[bytes, int, int]:
     the model pads it to a square. A JPEG already so is passed through byte for byte."""
     with Image.open(io.BytesIO(data)) as img:
         w, h = img.size
-        if w >= h:
-            nw, nh = size, max(1, int(h / w * size))
-        else:
-            nw, nh = max(1, int(w / h * size)), size
+        nw, nh = vit_resized_size(w, h, size)
         if img.format == "JPEG" and img.mode == "RGB" and (w, h) == (nw, nh):
             return data, w, h
         if img.format == "JPEG" and min(w / nw, h / nh) >= 2:

@@ -11,12 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from .constants import DEFAULT_CAPTION_TEMPLATE, IGNORE_ID, IMAGE_ID, IMAGE_MARK
 from .errors import OvisDataError
 
-IGNORE_ID = -100
-IMAGE_ID = -200
-IMAGE_MARK = "<image>"
-DEFAULT_CAPTION_TEMPLATE = "<image>'s caption: "
+__all__ = ["DEFAULT_CAPTION_TEMPLATE", "IGNORE_ID", "IMAGE_ID", "IMAGE_MARK"]  # re-exported for callers
 CHAT_FORMATS = ("qwen", "llama3", "gemma", "chat_template")
 _CHAT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 

@@ -54,7 +54,8 @@ def chat_command(
     Example (after ovis-data demo: its final model and the image it asked about):
         ovis-chat demo_out/run/stage3/model -i demo_out/example.jpg "Describe the image."
     """
-    from .chat import chat, load_for_chat, load_images
+    from .chat import chat, load_images
+    from .model_dir import load_for_chat
 
     images = load_images([str(p) for p in image or []])  # a bad image fails before the model loads
     hf_bars_only_on_a_terminal()

@@ -1,5 +1,8 @@
-"""Constants shared with the pack stage (OVIS_V1.md section 3)."""
+"""The values the model shares with the data engine, under the names model code uses (defined once, in
+ovis_data.constants)."""
 
-IGNORE_INDEX = -100  # label of unsupervised positions
-IMAGE_TOKEN_ID = -200  # placeholder id of one image in token ids
-IMAGE_TOKEN = "<image>"  # image marker in text
+from ovis_data.constants import IGNORE_ID as IGNORE_INDEX
+from ovis_data.constants import IMAGE_ID as IMAGE_TOKEN_ID
+from ovis_data.constants import IMAGE_MARK as IMAGE_TOKEN
+
+__all__ = ["IGNORE_INDEX", "IMAGE_TOKEN", "IMAGE_TOKEN_ID"]

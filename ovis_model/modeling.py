@@ -23,6 +23,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .attention import default_attn_implementation, llm_attention_kwargs, positions_from_lengths
+from .chat import chat
 from .configuration import OvisConfig, VisualTokenizerConfig
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from .embedding import VisualEmbedding
@@ -146,13 +147,13 @@ class Ovis(PreTrainedModel):
         Only in training, in three cases:
         - another rank has images: under ZeRO-3 every rank must gather the same parameters in the same order
           and, under ZeRO-2, reduce the same gradient buckets; a rank skipping the ViT would hang both;
-        - visual parameters train under ZeRO-3: DeepSpeed 0.19's ZeRO-3 re-applies a parameter's previous
-          gradient in a step where it received none (measured in tests/test_model_deepspeed.py), so every
-          trainable parameter must get a (zero) gradient;
+        - `sync_visual_forward` is True: set by whoever wraps the model when its engine needs every trainable
+          parameter to get a gradient in every step (the trainer does so for visual parts under ZeRO-3:
+          `ovis_model.trainable.visual_sync_mode`); True also forces it outside training;
         - only visual parts train: else the loss has no gradient at all.
         Otherwise (e.g. stage 3 under ZeRO-2, or one process) a batch without images runs no ViT. One MAX
         all-reduce per step tells whether any rank has images. `sync_visual_forward=False` disables the
-        stand-in, True forces it even outside training.
+        stand-in.
         """
         mode = self.sync_visual_forward
         if mode is False or (mode is None and not (self.training and torch.is_grad_enabled())):
@@ -165,9 +166,6 @@ class Ovis(PreTrainedModel):
         if n_local > 0:
             return False
         if any_images or mode is True:
-            return True
-        visual = [p for m in (self.visual_tokenizer, self.vte) for p in m.parameters()]
-        if any(p.requires_grad and hasattr(p, "ds_id") for p in visual):  # ZeRO-3-partitioned
             return True
         return not any(p.requires_grad for p in self.llm.parameters())
 
@@ -217,7 +215,7 @@ class Ovis(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         loss_normalizer: torch.Tensor | float | None = None,
         return_logits: bool = False,
-        **_: Any,
+        n_supervised: int | None = None,
     ) -> OvisOutput:
         """Loss (and optionally logits) of a batch.
 
@@ -226,6 +224,8 @@ class Ovis(PreTrainedModel):
         one sequence per row). attention_mask: an explicit mask for the LLM, overriding the packed one.
         loss_normalizer: divide `loss_sum` by this (e.g. the global supervised-token count) instead of the
         local count. Only supervised positions go through the LM head unless `return_logits`.
+        n_supervised: `collate_packed`'s count, accepted so `model(**batch)` works, not used here. Any other
+        keyword is an error (a misspelt `loss_normaliser` must not fall back to the local mean).
         """
         inputs_embeds = self.embed_inputs(input_ids, pixel_values)
         if segment_ids is not None and position_ids is None:
@@ -382,8 +382,6 @@ class Ovis(PreTrainedModel):
     # -- inference ----------------------------------------------------------------------------------------
     def chat(self, images: Any, text: str, **kwargs: Any) -> Any:
         """See `ovis_model.chat.chat`."""
-        from .chat import chat
-
         return chat(self, images, text, **kwargs)
 
 

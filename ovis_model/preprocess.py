@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ovis_data.constants import vit_resized_size
+
 try:  # libjpeg-turbo straight into numpy: twice as fast as PIL on the shards' 336 px JPEGs, same pixels
     import simplejpeg
 except ImportError:  # a platform without its wheel: PIL decodes, the same pixels
@@ -56,12 +58,7 @@ class OvisImageProcessor:
     # -- one image -----------------------------------------------------------------------------------------
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) with the longer side = image_size, the shorter `int(short / long * side)`."""
-        side = self.image_size
-        if width == height:
-            return side, side
-        if width > height:
-            return side, max(1, int(height / width * side))
-        return max(1, int(width / height * side)), side
+        return vit_resized_size(width, height, self.image_size)
 
     def normalize(self, image: Image.Image) -> np.ndarray:
         """Resize (aspect kept) and normalize one image: float32 `[3, h, w]`."""

@@ -99,3 +99,12 @@ def select_trainable(
         "trainable %s: %d of %d parameters (%.2f%%)", names, n_train, n_total, 100 * n_train / max(n_total, 1)
     )
     return report
+
+
+def visual_sync_mode(model: Ovis, zero_stage: int) -> bool | None:
+    """What `model.sync_visual_forward` should be under a DeepSpeed ZeRO stage: True when visual parts train
+    under ZeRO-3, whose engine (0.19) re-applies a parameter's previous gradient in a step where it received
+    none (measured in tests/test_model_deepspeed.py), so a rank without images must still run the ViT on a
+    zero-weighted stand-in; else None (the model decides from the batch: see `Ovis._stand_in_needed`)."""
+    visual = (p for m in (model.visual_tokenizer, model.vte) for p in m.parameters())
+    return True if zero_stage == 3 and any(p.requires_grad for p in visual) else None

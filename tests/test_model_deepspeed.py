@@ -52,7 +52,7 @@ def _record(seed: int, n_images: int) -> dict:
 # Expected ViT forwards per rank over the two steps: step 1 runs it on both ranks (rank 1 on a stand-in, to
 # keep the collectives in step); in step 2 (no images anywhere) it runs only where needed: not under ZeRO-2
 # when the LLM trains, yes when only visual parts train (else no gradient) and under ZeRO-3 (see
-# Ovis._stand_in_needed).
+# Ovis._stand_in_needed and trainable.visual_sync_mode).
 CASES = [
     ("zero2_stage2_recipe", 2, ["visual_tokenizer", "vte"], [(2, 0), (0, 0)], [2, 2]),
     ("zero2_all", 2, ["all"], [(2, 0), (0, 0)], [1, 1]),
@@ -67,7 +67,7 @@ def worker(out_path: str) -> None:
 
     from ovis_model.batching import collate_packed
     from ovis_model.tiny import tiny_ovis
-    from ovis_model.trainable import select_trainable
+    from ovis_model.trainable import select_trainable, visual_sync_mode
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
@@ -75,6 +75,7 @@ def worker(out_path: str) -> None:
     for name, stage, trainable, steps, _ in CASES:
         model = tiny_ovis(seed=0)
         select_trainable(model, trainable)
+        model.sync_visual_forward = visual_sync_mode(model, stage)  # as ovis-train sets it
         reference = tiny_ovis(seed=0)
         select_trainable(reference, trainable)
         frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

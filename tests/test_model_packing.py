@@ -133,6 +133,8 @@ def test_loss_normalizer_and_mismatch_errors(model) -> None:
     with torch.no_grad():
         out = model(**batch, loss_normalizer=1000.0)
     assert out.loss.item() == pytest.approx(out.loss_sum.item() / 1000.0)
+    with pytest.raises(TypeError, match="loss_normaliser"):  # misspelt: an error, never the local mean
+        model(**batch, loss_normaliser=1000.0)
     with pytest.raises(ValueError, match="image placeholders"):
         model(input_ids=torch.tensor([[1, IMAGE_TOKEN_ID, 2]]), pixel_values=batch["pixel_values"])
     bad = dict(record, images=[])

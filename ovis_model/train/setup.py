@@ -16,7 +16,7 @@ import torch
 from ovis_data.errors import OvisDataError
 from ovis_data.recipes import select_recipe
 
-from ..trainable import select_trainable
+from ..trainable import select_trainable, visual_sync_mode
 from .config import ConfigError, StepPlan, TrainConfig, deepspeed_config, plan_steps
 from .contract import ContractError, check_manifest
 from .loader import PackedStage, TrainLoader, read_manifest
@@ -171,6 +171,7 @@ def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None)
     try:
         check_manifest(prep.manifest, prep.manifest_path, model)
         select_trainable(model, cfg.trainable, logger=log)
+        model.sync_visual_forward = visual_sync_mode(model, _zero_stage(cfg))
     except (ContractError, ValueError) as e:
         raise TrainError(f"{cfg.recipe}: {e}" if not isinstance(e, ContractError) else str(e)) from e
     if cfg.train["gradient_checkpointing"]:
