@@ -32,17 +32,6 @@ CATALOG_SCHEMA = pa.schema(
         ("heights", pa.list_(pa.int32())),
     ]
 )
-REJECTED_SCHEMA = pa.schema(
-    [
-        ("dataset", pa.string()),
-        ("row", pa.int64()),
-        ("id", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
-
-
 def catalog_dir(root: Path, override: Path | None = None) -> Path:
     return Path(override) if override is not None else Path(root) / CATALOG_DIR
 
@@ -61,13 +50,6 @@ def read_catalog(root: Path, name: str, override: Path | None = None) -> pa.Tabl
     if not path.exists():
         raise OvisDataError(f"{path}: no catalog for {name!r}; run `ovis-data validate {name}` first")
     return pq.read_table(path, schema=CATALOG_SCHEMA)
-
-
-def catalog_check_mode(path: Path) -> str | None:
-    """How deeply the catalog's images were checked: 'meta', 'header' or 'deep'."""
-    meta = pq.read_schema(path).metadata or {}
-    value = meta.get(b"ovis_check")
-    return value.decode() if value else None
 
 
 def meta_file_identity(path: Path) -> dict:

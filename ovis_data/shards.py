@@ -295,6 +295,3 @@ def supervised_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
     mask[starts] = False
     return int(mask.sum())
 
-
-def supervised_mask(labels: np.ndarray) -> np.ndarray:
-    return labels != IGNORE_ID

@@ -108,9 +108,6 @@ GEMMA = ChatFormat(
     special_tokens=("<bos>", "<start_of_turn>", "<end_of_turn>"),
 )
 FIXED_FORMATS = {f.name: f for f in (QWEN, LLAMA3, GEMMA)}
-# The pad id the original used for Llama 3, whose tokenizer has none.
-LLAMA3_PAD_ID = 128001
-
 
 class ChatTemplateFormat:
     """Any other LLM family, through the tokenizer's own chat template: each turn is the difference

@@ -34,14 +34,6 @@ def is_varlen(attn_implementation: str | None) -> bool:
     )
 
 
-def segments_from_lengths(
-    lengths: list[int] | torch.Tensor, device: torch.device | None = None
-) -> torch.Tensor:
-    """Segment index of each token of one row, e.g. lengths [2, 3] -> [0, 0, 1, 1, 1]."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
-    return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-
-
 def positions_from_lengths(
     lengths: list[int] | torch.Tensor, device: torch.device | None = None
 ) -> torch.Tensor:

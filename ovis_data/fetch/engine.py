@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ def fetch_datasets(
     """Fetch the named URL datasets (all of them when none named). Datasets sharing an image_dir and a
     URL list (the cc12m pair) are fetched once."""
     registry = registry if registry is not None else load_registry()
-    specs = url_datasets(registry) if not names else [_url_spec(registry, n) for n in names]
+    specs = url_datasets(registry) if not names else [url_spec(registry, n) for n in names]
     groups: dict[tuple[str, str], list[DatasetSpec]] = {}
     for spec in specs:
         assert spec.url_source is not None and spec.image_dir is not None
@@ -115,7 +115,7 @@ def fetch_dataset(
 ) -> FetchReport:
     """Fetch one URL dataset's images into ROOT/images/<image_dir>, where its meta file expects them."""
     registry = registry if registry is not None else load_registry()
-    spec = _url_spec(registry, name)
+    spec = url_spec(registry, name)
     us = spec.url_source
     assert us is not None
     url_list = open_url_list(spec.url_list_path(root), us.url_column, us.image_path_column, us.sha256_column)
@@ -160,7 +160,7 @@ def fetch_url_list(
 
 
 # -- planning -----------------------------------------------------------------------------------------
-def _url_spec(registry: dict[str, DatasetSpec], name: str) -> DatasetSpec:
+def url_spec(registry: dict[str, DatasetSpec], name: str) -> DatasetSpec:
     if name not in registry:
         raise OvisDataError(f"unknown dataset {name!r}; known: {', '.join(registry)}")
     spec = registry[name]
@@ -460,11 +460,3 @@ def _report(
         },
         this_run={"attempted": monitor.done, "success": ok_now, "failed": monitor.done - ok_now},
     )
-
-
-def with_overrides(options: FetchOptions, **changes: Any) -> FetchOptions:
-    """A copy of options with image./net. fields changed by name (used by the CLI)."""
-    image = {k: v for k, v in changes.items() if k in ImageParams.__dataclass_fields__}
-    net = {k: v for k, v in changes.items() if k in NetParams.__dataclass_fields__}
-    top = {k: v for k, v in changes.items() if k not in image and k not in net}
-    return replace(options, image=replace(options.image, **image), net=replace(options.net, **net), **top)

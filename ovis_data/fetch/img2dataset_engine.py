@@ -30,7 +30,7 @@ from ..errors import OvisDataError
 from ..imagestore import build_index, unsafe_path_reason
 from ..registry import DatasetSpec, load_registry
 from . import classes as C
-from .engine import DEFAULT_SHARD_SIZE, FetchOptions, _url_spec
+from .engine import DEFAULT_SHARD_SIZE, FetchOptions, url_spec
 from .frames import default_processes
 from .reader import UrlList, open_url_list
 from .report import FetchReport
@@ -125,7 +125,7 @@ def fetch_datasets_with_img2dataset(
     specs = (
         [s for s in registry.values() if s.url_source]
         if not names
-        else [_url_spec(registry, n) for n in names]
+        else [url_spec(registry, n) for n in names]
     )
     seen: dict[tuple[str | None, str], list[str]] = {}
     for s in specs:
