@@ -1,4 +1,4 @@
-"""Values the data engine and the model must agree on, defined once (docs/formats.md explains them)."""
+"""Values the data engine and the model must agree on, defined once (docs/templates.md explains them)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from .registry import DatasetSpec, recipe_registry
 from .resources import resource_path
 
 TEMPLATES = ("auto", "qwen", "llama3", "gemma", "chat_template")
-DEFAULT_VISUAL_TOKENS = 578  # 576 patches + image begin/end of CLIP ViT-L/14-336 (OVIS_V1 section 4)
+DEFAULT_VISUAL_TOKENS = 578  # 576 patches + image begin/end of CLIP ViT-L/14-336 (docs/stages.md)
 DEFAULT_IMAGE_SIZE = 336
 # a typo in a recipe must be an error, not a silently ignored key ([model] and [train] keys: the trainer's)
 TOP_KEYS = (

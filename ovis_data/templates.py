@@ -1,4 +1,4 @@
-"""Text templates of Ovis v1 (OVIS_V1.md section 3): the caption template and the chat formats.
+"""Text templates of Ovis v1 (docs/templates.md): the caption template and the chat formats.
 
 A template turns one sample into *turns*: strings that are each tokenized on their own (split only at
 `<image>`), with the supervised span of a turn given as a prefix whose token count is where labels start.

@@ -1,8 +1,8 @@
 """Batched tokenization of rendered samples into flat arrays (ids, supervised mask, offsets).
 
 Every turn is split at `<image>` and its pieces are tokenized with add_special_tokens=False, joined by
-one -200 per image; a turn's labels start at len(tok(header)). That is the per-sample rule of OVIS_V1
-section 3, applied to thousands of samples per call of the fast tokenizer's Rust batch encoder, with
+one -200 per image; a turn's labels start at len(tok(header)). That is the per-sample rule of
+docs/templates.md, applied to thousands of samples per call of the fast tokenizer's Rust batch encoder, with
 repeated short pieces (system turns, role headers, stock questions) tokenized once.
 """
 

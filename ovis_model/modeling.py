@@ -1,4 +1,4 @@
-"""Ovis: visual tokenizer + visual embedding table merged into an LLM's input embeddings (OVIS_V1.md s.4).
+"""Ovis: visual tokenizer + visual embedding table merged into an LLM's input embeddings (docs/stages.md).
 
 Batch input is the packed format of `ovis_model.batching`: each image's `-200` placeholder already repeated
 `num_visual_tokens` times, several sub-samples per row described by `segment_ids` / `position_ids`, and

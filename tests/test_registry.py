@@ -7,7 +7,7 @@ from ovis_data.errors import OvisDataError
 from ovis_data.recipes import load_recipe, recipe_path, select_recipe
 from ovis_data.registry import load_registry, resolve_root, select
 
-# OVIS_V1.md section 1, in order: name, meta_file, image_dir, format, stage.
+# The dataset table of docs/stages.md, in order: name, meta_file, image_dir, format, stage.
 EXPECTED = [
     ("coyo-10m", "coyo-10m.parquet", "coyo_10m", "caption", 1),
     ("llava-pretrain-558k", "llava-pretrain-558k.json", "llava_pretrain", "conversation", 2),

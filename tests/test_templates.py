@@ -1,4 +1,4 @@
-"""Fidelity of templates + batched tokenization to OVIS_V1 section 3, against the rules applied by hand."""
+"""Fidelity of templates + batched tokenization to docs/templates.md, against the rules applied by hand."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ CONVERSATIONS = [
 ]
 
 
-# --- the rules of OVIS_V1 section 3, applied by hand, one sample at a time ------------------------------
+# --- the rules of docs/templates.md, applied by hand, one sample at a time ------------------------------
 def tok_with_images(tok, text):
     ids = []
     chunks = text.split("<image>")
