@@ -125,16 +125,17 @@ class OvisImageProcessor:
         """`[n, 3, S, S]` float32 from `canvas()`'s output, on its device (a GPU does it in microseconds):
         the lookup table per channel, zero outside each image. Equal bit for bit to `preprocess`."""
         table = torch.from_numpy(self.lookup_table()).to(canvas.device)
-        chw = canvas.permute(0, 3, 1, 2)
-        values = table[torch.arange(3, device=canvas.device)[None, :, None, None], chw.long()]
-        side = canvas.shape[1]
+        n, side = canvas.shape[0], canvas.shape[1]
+        values = torch.empty((n, 3, side, side), dtype=torch.float32, device=canvas.device)
+        for c in range(3):  # one channel at a time: a plain lookup per plane, ~3x faster on a CPU
+            values[:, c].copy_(table[c][canvas[..., c].long()])
         h, w = sizes[:, 0].to(canvas.device, torch.long), sizes[:, 1].to(canvas.device, torch.long)
         top, left = (side - h) // 2, (side - w) // 2
         pos = torch.arange(side, device=canvas.device)
         rows = (pos[None] >= top[:, None]) & (pos[None] < (top + h)[:, None])
         cols = (pos[None] >= left[:, None]) & (pos[None] < (left + w)[:, None])
         inside = rows[:, None, :, None] & cols[:, None, None, :]
-        return values.masked_fill(~inside, 0.0)
+        return values.masked_fill_(~inside, 0.0)
 
     def __call__(self, images: Image.Image | list[Image.Image]) -> torch.Tensor:
         """`[n, 3, S, S]` for a list of images (an empty list gives `[0, 3, S, S]`)."""
