@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import OvisDataError
+from .storage import AnyPath, RemotePath, as_path, open_binary
 
 CATALOG_DIR = "catalogs"
 CATALOG_SCHEMA = pa.schema(
@@ -32,8 +33,8 @@ CATALOG_SCHEMA = pa.schema(
         ("heights", pa.list_(pa.int32())),
     ]
 )
-def catalog_dir(root: Path, override: Path | None = None) -> Path:
-    return Path(override) if override is not None else Path(root) / CATALOG_DIR
+def catalog_dir(root: AnyPath, override: AnyPath | None = None) -> AnyPath:
+    return as_path(override) if override is not None else as_path(root) / CATALOG_DIR
 
 
 def catalog_path(root: Path, name: str, override: Path | None = None) -> Path:
@@ -54,15 +55,19 @@ def read_catalog(root: Path, name: str, override: Path | None = None) -> pa.Tabl
 
 def meta_file_identity(path: Path) -> dict:
     """What a catalog records of the meta file it was made from: size, mtime and a content hash."""
-    st = Path(path).stat()
-    with open(path, "rb") as f:
+    st = as_path(path).stat()
+    with open_binary(path) as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
 
 
 def catalog_source(path: Path) -> dict | None:
     """The `ovis_source` a catalog was written with (None for catalogs of older versions)."""
-    value = (pq.read_schema(path).metadata or {}).get(b"ovis_source")
+    if isinstance(path, RemotePath):
+        schema = pq.read_schema(path.path, filesystem=path.fs)
+    else:
+        schema = pq.read_schema(path)
+    value = (schema.metadata or {}).get(b"ovis_source")
     return json.loads(value) if value else None
 
 
@@ -79,7 +84,7 @@ def check_catalog_current(path: Path, name: str, meta_path: Path) -> None:
         raise OvisDataError(
             f"{path}: catalog of {name!r} does not record its meta file (older version): {rerun}"
         )
-    meta_path = Path(meta_path)
+    meta_path = as_path(meta_path)
     if not meta_path.is_file():
         raise OvisDataError(f"{path}: the meta file of {name!r} is gone ({meta_path}): {rerun}")
     st = meta_path.stat()

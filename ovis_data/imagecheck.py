@@ -18,6 +18,8 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
+from .storage import as_path, read_range
+
 # Pillow's default limit (about 89.5 megapixels): a larger image is treated as a decompression bomb.
 DEFAULT_MAX_PIXELS = 89_478_485
 Location = tuple[str, int, int]
@@ -34,6 +36,11 @@ class ImageLimits:
 def _open(loc: Location) -> tuple[BinaryIO, int]:
     """A readable stream of the image and its size: the file itself, or the member's bytes in a shard."""
     path, offset, size = loc
+    if "://" in path:  # object storage: one ranged GET (or the whole object), never a local open
+        data = read_range(path, offset, size) if offset >= 0 else as_path(path).read_bytes()  # type: ignore[union-attr]
+        if offset >= 0 and len(data) != size:
+            raise OSError(f"short read of {size} bytes at offset {offset}")
+        return io.BytesIO(data), len(data)
     f = open(path, "rb")  # noqa: SIM115 - returned to the caller, closed there
     if offset < 0:
         return f, os.fstat(f.fileno()).st_size

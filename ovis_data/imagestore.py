@@ -21,6 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .storage import AnyPath, RemotePath, open_binary, read_parquet, write_parquet
+from .storage import read_range as _read_range
+
 INDEX_NAME = "index.parquet"
 LISTING_SCHEMA = pa.schema([("image_path", pa.string()), ("linked_out", pa.bool_())])
 INDEX_SCHEMA = pa.schema(
@@ -49,9 +52,10 @@ def unsafe_path_reason(image_path: str) -> str | None:
 class ImageStore:
     """Images of one image_dir, whichever layout fetch (or a publisher's archive) left there."""
 
-    def __init__(self, image_dir: Path):
-        self.image_dir = Path(image_dir)
-        self._real_root = os.path.realpath(self.image_dir)
+    def __init__(self, image_dir: AnyPath):
+        # a RemotePath (object storage) is read through fsspec; a local folder through os, as ever
+        self.image_dir = image_dir if isinstance(image_dir, RemotePath) else Path(image_dir)
+        self._real_root = "" if isinstance(image_dir, RemotePath) else os.path.realpath(self.image_dir)
         self.layout = "shards" if is_shard_dir(self.image_dir) else "files"
         self._index: pa.Table | None = None
 
@@ -61,6 +65,10 @@ class ImageStore:
         if self.layout == "shards":
             paths = load_index(self.image_dir).column("image_path")
             return pa.table({"image_path": paths, "linked_out": pa.array(np.zeros(len(paths), dtype=bool))})
+        if isinstance(self.image_dir, RemotePath):  # object stores have no links: one listing of the prefix
+            names = [p for p in self.image_dir.find() if not p.startswith(FETCH_BOOKKEEPING + "/")]
+            linked = pa.array(np.zeros(len(names), dtype=bool))
+            return pa.table({"image_path": pa.array(names, pa.string()), "linked_out": linked})
         # Names go to Arrow every 64k entries: ten million files never sit in memory as Python strings.
         chunks: list[pa.RecordBatch] = []
         paths: list[str] = []
@@ -104,6 +112,8 @@ class ImageStore:
         if reason:
             raise PermissionError(f"{image_path!r}: {reason}")
         path = self.image_dir / image_path
+        if isinstance(path, RemotePath):  # no links in an object store: the safe name is the check
+            return path  # type: ignore[return-value]
         if not self._inside(str(path)):
             raise PermissionError(f"{image_path!r}: link out of {self.image_dir}")
         return path
@@ -136,27 +146,25 @@ class _ArrowKeys:
         return self._column[i].as_py()
 
 
-def read_range(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
+def read_range(path: AnyPath, offset: int, size: int) -> bytes:
+    data = _read_range(path, offset, size)
     if len(data) != size:
         raise OSError(f"{path}: short read at offset {offset} ({len(data)} of {size} bytes)")
     return data
 
 
-def is_shard_dir(image_dir: Path) -> bool:
+def is_shard_dir(image_dir: AnyPath) -> bool:
     """A shards layout has an index or at least one finished shard (its _stats.json done-marker)."""
     if (image_dir / INDEX_NAME).exists():
         return True
     return image_dir.is_dir() and any(image_dir.glob("*_stats.json"))
 
 
-def load_index(image_dir: Path) -> pa.Table:
+def load_index(image_dir: AnyPath) -> pa.Table:
     """The image_path -> (tar, offset, size) index; built from the finished shards when absent or stale."""
     path = image_dir / INDEX_NAME
     if path.exists():
-        table = pq.read_table(path)
+        table = read_parquet(path)
         covered = json.loads((table.schema.metadata or {}).get(b"shards", b"null"))
         if covered == _finished_shards(image_dir):
             return _sorted(table)
@@ -171,11 +179,11 @@ def _sorted(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=[("image_path", "ascending")]))
 
 
-def _finished_shards(image_dir: Path) -> list[str]:
+def _finished_shards(image_dir: AnyPath) -> list[str]:
     return sorted(p.name[: -len("_stats.json")] for p in image_dir.glob("*_stats.json"))
 
 
-def build_index(image_dir: Path) -> pa.Table:
+def build_index(image_dir: AnyPath) -> pa.Table:
     """index.parquet over every finished shard, written atomically. Each shard's part comes from its
     saved shard index when that still matches the tar (fetch writes it from the offsets it wrote, so a
     10M-image dir is never re-read), else from one scan of the tar, saved for next time."""
@@ -188,8 +196,9 @@ def build_index(image_dir: Path) -> pa.Table:
         part = read_shard_index(image_dir, shard)
         if part is None:
             part = _scan_tar(tar_path)
-            with contextlib.suppress(OSError):  # a read-only store still gets its index in memory
-                write_shard_index(image_dir, shard, part)
+            if not isinstance(image_dir, RemotePath):
+                with contextlib.suppress(OSError):  # a read-only store still gets its index in memory
+                    write_shard_index(image_dir, shard, part)
         parts.append(
             pa.table(
                 {
@@ -203,17 +212,15 @@ def build_index(image_dir: Path) -> pa.Table:
     schema = INDEX_SCHEMA.with_metadata({"shards": json.dumps(shards)})
     table = pa.concat_tables(parts).cast(INDEX_SCHEMA) if parts else INDEX_SCHEMA.empty_table()
     table = _sorted(table.replace_schema_metadata(schema.metadata))
-    tmp = image_dir / f".{INDEX_NAME}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, image_dir / INDEX_NAME)
+    write_parquet(table, image_dir / INDEX_NAME)
     return table
 
 
-def _scan_tar(tar_path: Path) -> pa.Table:
+def _scan_tar(tar_path: AnyPath) -> pa.Table:
     """(image_path, offset, size) of a tar's images, paired with their `<key>.json` by key."""
     members: dict[str, tarfile.TarInfo] = {}
     metas: dict[str, str] = {}
-    with tarfile.open(tar_path) as tf:
+    with open_binary(tar_path) as raw, tarfile.open(fileobj=raw) as tf:
         for m in tf:
             key, ext = posixpath.splitext(m.name)
             if ext == ".json":
@@ -233,7 +240,7 @@ def _scan_tar(tar_path: Path) -> pa.Table:
     )
 
 
-def shard_index_path(image_dir: Path, shard: str) -> Path:
+def shard_index_path(image_dir: AnyPath, shard: str) -> AnyPath:
     return image_dir / SHARD_INDEX_DIR / f"{shard}.parquet"
 
 
@@ -254,9 +261,16 @@ def write_shard_index(image_dir: Path, shard: str, part: pa.Table) -> None:
     os.replace(tmp, path)
 
 
-def read_shard_index(image_dir: Path, shard: str) -> pa.Table | None:
+def read_shard_index(image_dir: AnyPath, shard: str) -> pa.Table | None:
     """A shard's saved index, or None when missing, unreadable or not made from the tar now there."""
     path = shard_index_path(image_dir, shard)
+    if isinstance(path, RemotePath):
+        # fetch uploads a shard's index part before its done-marker and never rewrites a tar without
+        # its part: there is no mtime to stamp, the part is current when present
+        try:
+            return read_parquet(path) if path.exists() else None
+        except (OSError, pa.ArrowInvalid):
+            return None
     try:
         table = pq.read_table(path)
         stamp = (table.schema.metadata or {}).get(b"tar", b"").decode()

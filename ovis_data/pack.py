@@ -39,6 +39,7 @@ from .packing import DEFAULT_BUFFER, pack_lengths
 from .recipes import StageRecipe, load_recipe
 from .registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
 from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
+from .storage import RemotePath, as_path, is_url, staging_dir
 from .templates import IGNORE_ID, IMAGE_ID, ChatTemplateFormat, detect_chat_format
 from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity, vocab_identity
 
@@ -93,6 +94,9 @@ class PackConfig:
     image_dirs: dict  # dataset -> image_dir (None: text only)
     packs_per_shard: int
     buffer_size: int
+    # OUT/stageN as an object-store URL: work files and each shard are written in `out` (a local staging
+    # folder), then every finished shard is put there, its stats after it; None: `out` is the folder
+    publish: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,7 @@ def _store(dataset: str) -> ImageStore | None:
     stores = _W["stores"]
     if dataset not in stores:
         image_dir = _W["cfg"].image_dirs[dataset]
-        stores[dataset] = ImageStore(Path(image_dir)) if image_dir is not None else None
+        stores[dataset] = ImageStore(as_path(image_dir)) if image_dir is not None else None
     return stores[dataset]
 
 
@@ -274,17 +278,38 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
     except BaseException:
         writer.abort()
         raise
+    if cfg.publish is not None:  # object storage: the whole tar in one PUT, then its stats beside it
+        remote = as_path(cfg.publish)
+        (remote / name).put_file(writer.path)
+        writer.path.unlink()
+        (remote / WORK / "shards" / f"{index:05d}.json").write_text(_json_text(stats))
     # Written after the rename: a shard is done when its tar and its stats (with the sha256) are there.
     _atomic_json(Path(cfg.out) / WORK / "shards" / f"{index:05d}.json", stats)
     return stats
 
 
 # -- orchestration ------------------------------------------------------------------------------------
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(_json_text(obj), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _pull_state(remote: RemotePath, local: Path) -> None:
+    """Make the local staging folder's bookkeeping (manifest, inputs, finished shards' stats) that of the
+    object store, which is the truth: what another machine finished counts, a shard gone there does not."""
+    for stale in [local / MANIFEST, local / WORK / "inputs.json", *(local / WORK / "shards").glob("*.json")]:
+        stale.unlink(missing_ok=True)
+    stats = (remote / WORK / "shards").glob("*.json")
+    for path in [remote / MANIFEST, remote / WORK / "inputs.json", *stats]:
+        if path.exists():
+            rel = path.url[len(remote.url) + 1 :]
+            path.get_file(local / rel)
 
 
 def _file_sha256(path: Path) -> str:
@@ -310,6 +335,10 @@ def _ensure_catalogs(recipe: StageRecipe, registry: dict[str, DatasetSpec], root
                 raise OvisDataError(f"{mix.name}: validation wrote no catalog at {path}")
         else:  # never pack samples of a meta file that changed since they were validated
             check_catalog_current(path, mix.name, registry[mix.name].meta_path(root))
+        if isinstance(path, RemotePath):  # workers read it by row group: a local copy
+            local = staging_dir("catalogs", path.parent) / path.name
+            path.get_file(local)
+            path = local
         paths[mix.name] = path
     return paths
 
@@ -420,6 +449,7 @@ def pack_stage(
         if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value <= 0):
             raise OvisDataError(f"{flag} must be a positive integer, got {value!r}")
     root_path = resolve_root(root)
+    remote_out = RemotePath(str(out)) / f"stage{recipe.stage}" if is_url(out) else None
     processes = max(1, processes or os.cpu_count() or 1)
     tok_path = Path(tokenizer)
     tok = load_tokenizer(tok_path)
@@ -430,7 +460,7 @@ def pack_stage(
     cfg = PackConfig(
         stage=recipe.stage,
         root=str(root_path),
-        out=str(Path(out) / f"stage{recipe.stage}"),
+        out=str(staging_dir("pack", remote_out) if remote_out else Path(out) / f"stage{recipe.stage}"),
         tokenizer_path=str(tok_path),
         chat_format=chat,
         capacity=int(max_length or recipe.max_length),
@@ -441,10 +471,14 @@ def pack_stage(
         image_dirs={s.name: (str(s.image_path(root_path)) if s.image_dir else None) for s in specs},
         packs_per_shard=int(packs_per_shard),
         buffer_size=int(buffer_size),
+        publish=str(remote_out) if remote_out else None,
     )
     if cfg.capacity < cfg.visual_tokens:
         raise OvisDataError(f"max length {cfg.capacity} cannot hold one image ({cfg.visual_tokens} tokens)")
     out_dir = Path(cfg.out)
+    shown = remote_out or out_dir  # what messages name
+    if remote_out is not None:
+        _pull_state(remote_out, out_dir)
     catalogs = _ensure_catalogs(recipe, registry, root_path, processes)
     caption_templates = {
         m.name: m.caption_template or registry[m.name].caption_template or DEFAULT_CAPTION_TEMPLATE
@@ -457,7 +491,9 @@ def pack_stage(
     inputs = {
         "format": FORMAT,
         "config": {
-            k: v for k, v in asdict(cfg).items() if k not in ("root", "out", "tokenizer_path", "image_dirs")
+            k: v
+            for k, v in asdict(cfg).items()
+            if k not in ("root", "out", "tokenizer_path", "image_dirs", "publish")
         },
         "tokenizer_sha256": identity["sha256"],
         "datasets": [
@@ -477,10 +513,12 @@ def pack_stage(
     if previous is not None and previous != inputs_sha:
         if not overwrite:
             raise OvisDataError(
-                f"{out_dir} holds shards packed from other inputs (recipe, catalogs, tokenizer or options "
+                f"{shown} holds shards packed from other inputs (recipe, catalogs, tokenizer or options "
                 "changed): use another --out, or --overwrite to replace them"
             )
         shutil.rmtree(out_dir)
+        if remote_out is not None:
+            remote_out.fs.rm(remote_out.path, recursive=True)
     elif previous == inputs_sha and manifest_path.exists():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if _manifest_is_current(manifest):
@@ -489,6 +527,8 @@ def pack_stage(
         # bytes below, their stats gaining the keys.
     (out_dir / WORK / "tok").mkdir(parents=True, exist_ok=True)
     _atomic_json(params_path, {"inputs_sha256": inputs_sha, **inputs})
+    if remote_out is not None:
+        (remote_out / WORK / "inputs.json").put_file(params_path)
 
     # Phase 1: tokenize every catalog row group not done yet.
     units: list[Unit] = []
@@ -554,7 +594,8 @@ def pack_stage(
     done_stats = {}
     for s in range(n_shards):
         stats_path = out_dir / WORK / "shards" / f"{s:05d}.json"
-        if (out_dir / shard_name(cfg.stage, s)).exists() and stats_path.exists():
+        # (with object storage the local stats exist only once the tar is there: see _write_shard)
+        if (remote_out is not None or (out_dir / shard_name(cfg.stage, s)).exists()) and stats_path.exists():
             st = json.loads(stats_path.read_text(encoding="utf-8"))
             # else not finished, or stats of an older version (drops not yet counted per dataset)
             if all(k in st for k in SHARD_KEYS) and all(isinstance(v, dict) for v in st["dropped"].values()):
@@ -569,6 +610,8 @@ def pack_stage(
 
     manifest = _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards)
     _atomic_json(manifest_path, manifest)
+    if remote_out is not None:  # last: the stage is complete when its manifest is there
+        (remote_out / MANIFEST).put_file(manifest_path)
     shutil.rmtree(out_dir / WORK / "tok", ignore_errors=True)
     return manifest
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from .constants import DEFAULT_CAPTION_TEMPLATE
 from .errors import OvisDataError
 from .resources import resource_path
+from .storage import AnyPath, as_path, is_url
 
 FORMATS = ("caption", "conversation")
 ROOT_ENV = "OVIS_DATA_ROOT"
@@ -122,11 +123,17 @@ def select(registry: dict[str, DatasetSpec], names: list[str] | None) -> list[Da
     return [registry[n] for n in names]
 
 
-def resolve_root(root: str | Path | None, must_exist: bool = True) -> Path:
-    """The data root: --root, else $OVIS_DATA_ROOT. Laid out as ROOT/meta_files and ROOT/images."""
+def resolve_root(root: str | Path | None, must_exist: bool = True) -> AnyPath:
+    """The data root: --root, else $OVIS_DATA_ROOT. Laid out as ROOT/meta_files and ROOT/images. An
+    object-store URL (s3://bucket/prefix, any fsspec URL) gives a storage.RemotePath with the same layout."""
     value = root if root is not None else os.environ.get(ROOT_ENV)
     if not value:
         raise OvisDataError(f"no data root: pass --root or set {ROOT_ENV}")
+    if is_url(value):
+        remote = as_path(value)
+        if must_exist and not remote.is_dir():
+            raise OvisDataError(f"data root {remote} does not exist or holds nothing")
+        return remote
     path = Path(value).expanduser().resolve()
     if must_exist and not path.is_dir():
         raise OvisDataError(f"data root {path} does not exist or is not a directory")

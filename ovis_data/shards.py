@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .constants import IGNORE_ID, vit_resized_size
+from .storage import RemotePath, open_binary
 
 JPEG_QUALITY = 95
 _ZERO_BLOCK = bytes(512)
@@ -206,7 +207,7 @@ def _tarfile_members(tf: tarfile.TarFile) -> Iterator[tuple[str, Any, int]]:
 
 
 def iter_records(
-    path: Path | str, wanted: Container[int] | None = None, stop_after: int | None = None
+    path: Path | str | RemotePath, wanted: Container[int] | None = None, stop_after: int | None = None
 ) -> Iterator[tuple[int, Record]]:
     """(index, record) of a shard's records in order; only the `wanted` indices are read (the others'
     members are skipped by seeking past them), and reading stops after record `stop_after`.
@@ -217,7 +218,7 @@ def iter_records(
     done = -1  # last index yielded: a fallback to tarfile resumes after it
     index = 0
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             try:
                 for index, rec in _group(
                     _plain_members(f), lambda off, size: _read_at(f, off, size), wanted, stop_after
@@ -227,7 +228,7 @@ def iter_records(
                 return
             except _NotPlain:
                 pass
-        with tarfile.open(path) as tf:
+        with open_binary(path) as raw, tarfile.open(fileobj=raw) as tf:
 
             def read(member: tarfile.TarInfo, size: int) -> bytes:
                 handle = tf.extractfile(member)

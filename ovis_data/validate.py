@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from .imagecheck import ImageLimits, check_images
 from .imagestore import ImageStore, load_index
 from .metafile import MetaFileError, load_meta
 from .registry import DatasetSpec
+from .storage import RemotePath, local_copy
 
 MODES = ("meta", "header", "deep")
 MAX_CHUNK = 256  # images per worker task: large enough to amortize IPC, small enough for smooth progress
@@ -198,6 +201,8 @@ def _write_outputs(
     """
     directory = catalog_dir(root, out)
     directory.mkdir(parents=True, exist_ok=True)
+    # DuckDB writes local files: an object store's catalogs are written beside this process, then put
+    local_dir = Path(tempfile.mkdtemp(prefix="ovis-catalog-")) if isinstance(directory, RemotePath) else None
     cols = ", ".join(f.name for f in CATALOG_SCHEMA)
     targets = [
         (
@@ -213,7 +218,7 @@ def _write_outputs(
     done = []
     try:
         for path, query in targets:
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = (local_dir or path.parent) / f".{path.name}.tmp"
             done.append((tmp, path))
             target = str(tmp).replace("'", "''")
             con.execute(
@@ -221,12 +226,16 @@ def _write_outputs(
                 "{ovis_check: $mode, ovis_source: $source})",
                 {"dataset": spec.name, "mode": mode, "source": json.dumps(source, sort_keys=True)},
             )
-    except BaseException:
+        for tmp, path in done:
+            if isinstance(path, RemotePath):
+                path.put_file(tmp)  # one whole object each
+            else:
+                os.replace(tmp, path)
+    finally:
         for tmp, _ in done:
             tmp.unlink(missing_ok=True)
-        raise
-    for tmp, path in done:
-        os.replace(tmp, path)
+        if local_dir is not None:
+            shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def validate_dataset(
@@ -252,7 +261,8 @@ def validate_dataset(
         # Taken before reading: a file changed while it is read is then stale, never trusted.
         source: dict = {"meta_file": meta_file_identity(meta_path), "image_store": None}
         try:
-            result.total = load_meta(con, spec, meta_path)
+            with local_copy(meta_path) as local_meta:  # DuckDB reads a local file (a copy for a URL)
+                result.total = load_meta(con, spec, local_meta)
         except MetaFileError as e:
             result.error = f"{e.reason}: {e.path}: {e.detail}"
             return result

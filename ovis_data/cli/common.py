@@ -12,8 +12,12 @@ console = Console()
 err_console = Console(stderr=True)
 
 RootOption = Annotated[
-    Path | None,
-    typer.Option("--root", help="Data root holding meta_files/ and images/ (default: $OVIS_DATA_ROOT)."),
+    str | None,  # a folder, or an object-store URL (s3://bucket/prefix): not a Path, which mangles '//'
+    typer.Option(
+        "--root",
+        help="Data root holding meta_files/ and images/: a folder or s3://bucket/prefix (default: "
+        "$OVIS_DATA_ROOT).",
+    ),
 ]
 InfoOption = Annotated[
     Path | None,

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..clikit import ProgressDisplay
 from ..pack import PACKS_PER_SHARD, pack_stage
 from ..recipes import select_recipe
+from ..storage import as_path
 from .app import app
 from .common import InfoOption, QuietOption, RecipeOption, RootOption, console
 
@@ -21,7 +22,7 @@ PHASES = {"tokenize": ("samples tokenized", "samples"), "write": ("records writt
 @app.command("pack")
 def pack(
     tokenizer: Annotated[Path, typer.Option(help="Directory of the LLM's (fast) tokenizer.")],
-    out: Annotated[Path, typer.Option(help="Output folder; shards go to OUT/stageN/.")],
+    out: Annotated[str, typer.Option(help="Output folder or s3://bucket/prefix; shards go to OUT/stageN/.")],
     stage: Annotated[
         int | None, typer.Option("--stage", help="Stage to pack (its recipe pipelines/stageN.toml).")
     ] = None,
@@ -85,7 +86,7 @@ def pack(
             progress=on_progress,
         )
     n = manifest["stage"]
-    table = Table(title=f"stage {n} packed into {Path(out) / f'stage{n}'}")
+    table = Table(title=f"stage {n} packed into {as_path(out) / f'stage{n}'}")
     for col in ("dataset", "catalog", "selected", "packed", "dropped"):
         table.add_column(col, justify="left" if col in ("dataset", "dropped") else "right")
     for name, d in manifest["datasets"].items():

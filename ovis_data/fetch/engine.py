@@ -16,7 +16,7 @@ import fcntl
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from rich.console import Console
 from ..errors import OvisDataError
 from ..imagestore import INDEX_NAME, build_index, is_shard_dir, unsafe_path_reason
 from ..registry import DatasetSpec, load_registry
+from ..storage import AnyPath, RemotePath
 from . import classes as C
 from .fetchers import PROCESSOR, Fetchers
 from .images import ImageParams, Processed
@@ -126,12 +127,21 @@ def fetch_dataset(
 
 def fetch_url_list(
     url_list: UrlList,
-    image_dir: Path,
+    image_dir: AnyPath,
     options: FetchOptions | None = None,
     label: str = "",
     console: Console | None = None,
+    on_shard: Callable[[int], None] | None = None,
+    index: bool = True,
 ) -> FetchReport:
-    """The engine proper: any parquet URL list into any image directory."""
+    """The engine proper: any parquet URL list into any image directory (an object-store URL goes through
+    fetch.remote: fetched here, each finished shard put there). `on_shard(shard_id)` runs (in a thread)
+    after a shard's done-marker is written; `index=False` leaves the shards layout's index.parquet to the
+    caller (several runs sharing an image_dir must not all rewrite it)."""
+    if isinstance(image_dir, RemotePath):
+        from .remote import fetch_to_remote
+
+        return fetch_to_remote(url_list, image_dir, options or FetchOptions(), label, console)
     opts = options or FetchOptions()
     image_dir.mkdir(parents=True, exist_ok=True)
     book = image_dir / BOOKKEEPING
@@ -151,10 +161,11 @@ def fetch_url_list(
         try:
             with monitor:
                 runner = _Runner(url_list, image_dir, layout, shard_size, opts, monitor, atomic, fetchers)
+                runner.on_shard = on_shard
                 asyncio.run(runner.run(plan))
         finally:
             fetchers.close()
-        if layout == "shards":
+        if layout == "shards" and index:
             build_index(image_dir)
         return _report(label, url_list, image_dir, layout, shard_size, shard_ids, done_before, plan, monitor)
 
@@ -264,6 +275,7 @@ class _Runner:
         )
         self.last_progress = time.monotonic()
         self.finished_shards: list[int] = []
+        self.on_shard: Callable[[int], None] | None = None
 
     async def run(self, plan: list[ShardPlan]) -> None:
         if not plan:
@@ -300,6 +312,8 @@ class _Runner:
             raise
         stats = self._stats(p, records, started)
         await asyncio.to_thread(writer.finish, list(records.values()), stats)
+        if self.on_shard is not None:
+            await asyncio.to_thread(self.on_shard, p.shard_id)
         self.finished_shards.append(p.shard_id)
 
     async def _collect(

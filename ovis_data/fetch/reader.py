@@ -8,11 +8,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ..errors import OvisDataError
+from ..storage import AnyPath, RemotePath, as_path
+
+
+def _parquet(path: AnyPath) -> pq.ParquetFile:
+    """A URL list on object storage is read through ranged GETs (footer, then the row groups wanted)."""
+    return pq.ParquetFile(path.open("rb") if isinstance(path, RemotePath) else path)
 
 
 @dataclass(frozen=True)
 class UrlList:
-    path: Path
+    path: AnyPath
     url_column: str
     image_path_column: str
     sha256_column: str | None
@@ -35,12 +41,12 @@ class ShardRows:
 
 
 def open_url_list(
-    path: str | Path, url_column: str, image_path_column: str, sha256_column: str | None = None
+    path: str | Path | RemotePath, url_column: str, image_path_column: str, sha256_column: str | None = None
 ) -> UrlList:
     """Check the file and its columns from the footer alone (a 10M-row list is never loaded whole)."""
-    path = Path(path)
+    path = as_path(path)
     try:
-        meta = pq.ParquetFile(path).metadata
+        meta = _parquet(path).metadata
     except FileNotFoundError as e:
         raise OvisDataError(f"{path}: URL list not found") from e
     except Exception as e:  # pyarrow raises ArrowInvalid & co for a non-parquet file
@@ -64,7 +70,7 @@ def part_shards(n_shards: int, part: tuple[int, int]) -> range:
 
 def read_rows(url_list: UrlList, start: int, stop: int) -> ShardRows:
     """Rows [start, stop): reads only the row groups that overlap them, batch by batch."""
-    pf = pq.ParquetFile(url_list.path)
+    pf = _parquet(url_list.path)
     groups: list[int] = []
     first_row = 0  # global index of the first row of the first selected group
     offset = 0

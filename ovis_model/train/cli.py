@@ -16,7 +16,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def train_command(
     data: Annotated[
-        Path, typer.Option("--data", help="Packed data: OUT of `ovis-data pack` (or OUT/stageN).")
+        str,
+        typer.Option(
+            "--data", help="Packed data: OUT of `ovis-data pack` (or OUT/stageN), a folder or s3://..."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Run folder: this stage writes RUN/stageN/.")],
     stage: Annotated[

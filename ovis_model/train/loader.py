@@ -198,7 +198,7 @@ class PackedStage(IterableDataset):
         wanted = set(locals_)
         found: set[int] = set()
         try:
-            if not path.is_file():
+            if isinstance(path, Path) and not path.is_file():  # (a URL: iter_records raises ShardError)
                 raise ShardError(path, None, "shard listed in the manifest is missing")
             for index, rec in iter_records(path, wanted, stop_after=max(locals_)):
                 found.add(index)

@@ -15,6 +15,7 @@ import torch
 
 from ovis_data.errors import OvisDataError
 from ovis_data.recipes import select_recipe
+from ovis_data.storage import AnyPath, as_path
 
 from ..trainable import select_trainable, visual_sync_mode
 from .config import ConfigError, StepPlan, TrainConfig, deepspeed_config, plan_steps
@@ -53,9 +54,9 @@ class RunArgs:
 class Prepared:
     cfg: TrainConfig
     run_dir: Path
-    data_dir: Path
+    data_dir: AnyPath
     manifest: dict
-    manifest_path: Path
+    manifest_path: AnyPath
     init_dir: Path | None
 
 
@@ -74,7 +75,7 @@ def prepare(args: RunArgs) -> Prepared:
         cfg = TrainConfig.from_recipe(recipe, overrides)
     except ConfigError as e:
         raise TrainError(str(e)) from e
-    data_dir = Path(args.data)
+    data_dir = as_path(args.data)  # a folder, or an object-store URL (s3://...)
     if not (data_dir / "manifest.json").is_file() and (data_dir / f"stage{cfg.stage}").is_dir():
         data_dir = data_dir / f"stage{cfg.stage}"  # --data OUT as given to `ovis-data pack --out`
     try:
