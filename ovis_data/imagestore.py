@@ -171,6 +171,20 @@ def load_index(image_dir: AnyPath) -> pa.Table:
     return build_index(image_dir)
 
 
+def index_file(image_dir: Path) -> Path | None:
+    """index.parquet of a local shards store, built first when missing or stale, for a reader that scans
+    it itself (DuckDB, in bounded memory) rather than holding its 10M rows; None for an object store."""
+    if not isinstance(image_dir, Path):  # an object store's RemotePath: no local file to scan
+        return None
+    path = Path(image_dir) / INDEX_NAME
+    if path.exists():
+        covered = json.loads((pq.read_schema(path).metadata or {}).get(b"shards", b"null"))
+        if covered == _finished_shards(image_dir):
+            return path
+    build_index(image_dir)
+    return path
+
+
 def _sorted(table: pa.Table) -> pa.Table:
     """The index in image_path order (older or imported indexes may not be)."""
     paths = table.column("image_path")

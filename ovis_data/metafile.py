@@ -481,8 +481,11 @@ def load_meta(con: duckdb.DuckDBPyConnection, spec: DatasetSpec, path: Path) -> 
     ) as e:
         raise _malformed(path, e) from e
     # './a.jpg' names the same file as 'a.jpg': normalize once so joins and the catalog agree.
-    con.execute(
-        r"""UPDATE meta SET images = [regexp_replace(x, '^(\./)+', '') for x in images]
-            WHERE list_bool_or([starts_with(x, './') for x in images])"""
-    )
+    # (a rewrite when some path needs it, not an UPDATE: DuckDB keeps updated rows in memory)
+    dotted = "list_bool_or([starts_with(x, './') for x in images])"
+    if con.execute(f"SELECT count(*) FROM meta WHERE {dotted}").fetchall()[0][0]:
+        con.execute(
+            r"""CREATE OR REPLACE TEMP TABLE meta AS
+                SELECT * REPLACE ([regexp_replace(x, '^(\./)+', '') for x in images] AS images) FROM meta"""
+        )
     return con.execute("SELECT count(*) FROM meta").fetchall()[0][0]

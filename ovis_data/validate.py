@@ -7,20 +7,24 @@ decodes run in worker processes over the unique image paths only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .catalog import CATALOG_SCHEMA, catalog_dir, catalog_path, meta_file_identity, rejected_path
+from .errors import OvisDataError
 from .imagecheck import ImageLimits, check_images
-from .imagestore import ImageStore, load_index
+from .imagestore import ImageStore, index_file, load_index
 from .metafile import MetaFileError, load_meta
 from .registry import DatasetSpec
 from .storage import RemotePath, local_copy
@@ -50,10 +54,33 @@ class DatasetResult:
         return out
 
 
-def _connect() -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    con.execute("SET preserve_insertion_order = true")
-    return con
+# DuckDB holds the meta table, its joins and sorts; past this limit it spills them to a private folder
+# under $TMPDIR, so a 10M-row meta file (every row bad or not) validates in bounded memory.
+MEMORY_LIMIT_ENV = "OVIS_DUCKDB_MEMORY_LIMIT"
+DEFAULT_MEMORY_LIMIT = "1GB"
+THREAD_MEMORY = 128 << 20  # DuckDB threads need buffers of their own: one thread per this much of the limit
+_UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+@contextlib.contextmanager
+def bounded_connection() -> Iterator[duckdb.DuckDBPyConnection]:
+    """A DuckDB connection under the memory limit, spilling to a folder removed on exit."""
+    spill = tempfile.mkdtemp(prefix="ovis-duckdb-")
+    limit = os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT
+    try:
+        con = duckdb.connect(config={"memory_limit": limit, "temp_directory": spill})
+    except duckdb.Error as e:
+        shutil.rmtree(spill, ignore_errors=True)
+        raise OvisDataError(f"{MEMORY_LIMIT_ENV}={limit!r}: not a DuckDB memory limit ({e})") from e
+    try:
+        number, unit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0].split()
+        threads = max(1, min(os.cpu_count() or 1, int(float(number) * _UNITS[unit]) // THREAD_MEMORY))
+        con.execute(f"SET threads = {threads}")
+        con.execute("SET preserve_insertion_order = true")
+        yield con
+    finally:
+        con.close()
+        shutil.rmtree(spill, ignore_errors=True)
 
 
 # The vectorized twin of imagestore.unsafe_path_reason (which fetch and the readers use per path):
@@ -71,8 +98,7 @@ SELECT row, idx, raw_path AS path,
       THEN 'absolute path'
     WHEN list_contains(string_split(replace(raw_path, '\\', '/'), '/'), '..') THEN '''..'' segment'
     WHEN contains(raw_path, chr(0)) THEN 'NUL byte in path'
-  END AS unsafe,
-  NULL::VARCHAR AS reason, NULL::VARCHAR AS detail, NULL::INTEGER AS width, NULL::INTEGER AS height
+  END AS unsafe
 FROM u
 """
 
@@ -81,24 +107,49 @@ def _mark_paths(con: duckdb.DuckDBPyConnection, store: ImageStore) -> dict:
     """Reason for each image that escapes image_dir or is absent (existence as one join). Returns the
     identity of the store as checked: layout, number of images, an order-free hash of their names."""
     con.execute(_PATH_SQL)
-    con.execute("UPDATE img SET reason = 'unsafe_path', detail = unsafe WHERE unsafe IS NOT NULL")
-    con.register("files", store.listing())
+    index = index_file(store.image_dir) if store.layout == "shards" else None
+    if index is not None:  # DuckDB scans the index itself: its 10M names never sit in this process
+        con.execute(
+            "CREATE OR REPLACE TEMP VIEW files AS SELECT image_path, false AS linked_out "
+            f"FROM read_parquet('{_sql_text(index)}')"
+        )
+    else:
+        con.register("files", store.listing())
     n, names = con.execute(
         "SELECT count(*), coalesce(bit_xor(md5_number_lower(image_path)), 0) FROM files"
     ).fetchall()[0]
     identity = {"path": str(store.image_dir), "layout": store.layout, "images": n}
     identity["names_hash"] = f"{names:016x}"
+    # One rewrite of the table, not UPDATEs: DuckDB keeps what an UPDATE changes in memory (10M rows of
+    # missing images), while a table written by a query spills under the memory limit.
     con.execute(
-        """UPDATE img SET reason = CASE WHEN f.linked_out THEN 'unsafe_path' ELSE NULL END,
-             detail = CASE WHEN f.linked_out THEN 'symbolic link out of image_dir' ELSE NULL END
-           FROM files f WHERE img.reason IS NULL AND f.image_path = img.path"""
+        """CREATE OR REPLACE TEMP TABLE img AS
+           SELECT i.row, i.idx, i.path,
+             CASE WHEN i.unsafe IS NOT NULL THEN 'unsafe_path' WHEN f.image_path IS NULL THEN 'missing_image'
+                  WHEN f.linked_out THEN 'unsafe_path' END AS reason,
+             CASE WHEN i.unsafe IS NOT NULL THEN i.unsafe WHEN f.image_path IS NULL THEN 'no such file'
+                  WHEN f.linked_out THEN 'symbolic link out of image_dir' END AS detail,
+             NULL::INTEGER AS width, NULL::INTEGER AS height
+           FROM img i LEFT JOIN (SELECT image_path, bool_or(linked_out) AS linked_out FROM files
+                                 GROUP BY image_path) f
+             ON i.unsafe IS NULL AND f.image_path = i.path"""
     )
-    con.execute(
-        """UPDATE img SET reason = 'missing_image', detail = 'no such file'
-           WHERE reason IS NULL AND path NOT IN (SELECT image_path FROM files)"""
-    )
-    con.unregister("files")
+    if index is not None:
+        con.execute("DROP VIEW files")
+    else:
+        con.unregister("files")
     return identity
+
+
+def _sql_text(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+HEADER_SCHEMA = pa.schema(
+    [("path", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("reason", pa.string()),
+     ("detail", pa.string())]
+)  # fmt: skip
+HEADER_ROWS = 65536  # results gathered before they go to disk as one row group
 
 
 def _check_headers(
@@ -111,15 +162,20 @@ def _check_headers(
     progress: ProgressFn | None,
 ) -> None:
     """Open (or fully decode) every unique image still good, in worker processes, and record the result."""
+    index = index_file(store.image_dir) if store.layout == "shards" else None
     if store.layout == "shards":
-        con.register("idx", load_index(store.image_dir))
-        query = """SELECT DISTINCT i.path, x.tar, x."offset", x.size FROM img i JOIN idx x
+        if index is not None:  # scanned by DuckDB, never loaded here
+            source = f"read_parquet('{_sql_text(index)}')"
+        else:
+            con.register("idx", load_index(store.image_dir))
+            source = "idx"
+        query = f"""SELECT DISTINCT i.path, x.tar, x."offset", x.size FROM img i JOIN {source} x
                    ON x.image_path = i.path WHERE i.reason IS NULL ORDER BY i.path"""
     else:
         query = "SELECT DISTINCT path, NULL, -1, 0 FROM img WHERE reason IS NULL ORDER BY path"
     total = con.execute(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
     base = str(store.image_dir)
-    paths: list[pa.Array] = []
+    pending: deque[pa.Array] = deque()  # paths of the chunks handed out, in order, results not yet back
 
     def chunks():
         # Several tasks per worker even for small sets, or one slow chunk leaves the other cores idle.
@@ -130,64 +186,81 @@ def _check_headers(
             cols = batch.to_pydict()
             names = list(cols)
             p, tar, off, size = (cols[n] for n in names)
-            paths.append(pa.array(p, pa.string()))
+            pending.append(batch.column(0).cast(pa.string()))
             if store.layout == "shards":
                 yield [(os.path.join(base, t), o, s) for t, o, s in zip(tar, off, size, strict=True)]
             else:
                 yield [(os.path.join(base, x), -1, 0) for x in p]
 
-    # Results are kept as Arrow arrays per chunk: 10M images must not become 40M Python objects.
-    parts: dict[str, list[pa.Array]] = {"width": [], "height": [], "reason": [], "detail": []}
-    done = 0
-    for res in check_images(chunks(), deep, limits, processes):
-        w, h, r, d = zip(*res, strict=True) if res else ((), (), (), ())
-        parts["width"].append(pa.array(w, pa.int32()))
-        parts["height"].append(pa.array(h, pa.int32()))
-        parts["reason"].append(pa.array(r, pa.string()))
-        parts["detail"].append(pa.array(d, pa.string()))
-        done += len(res)
-        if progress:
-            progress(spec.name, done, total)
-    if store.layout == "shards":
-        con.unregister("idx")
-    types = {"path": pa.string(), "width": pa.int32(), "height": pa.int32(), "reason": pa.string()}
-    parts["path"] = paths
-    table = pa.table(
-        {k: pa.concat_arrays(v) if v else pa.array([], types.get(k, pa.string())) for k, v in parts.items()}
-    )
-    con.register("hdr", table)
-    con.execute(
-        """UPDATE img SET reason = h.reason, detail = h.detail, width = h.width, height = h.height
-           FROM hdr h WHERE img.reason IS NULL AND img.path = h.path"""
-    )
-    con.unregister("hdr")
+    # Results go to a parquet file as they come (10M images must not sit in memory, as Python objects
+    # or as Arrow), which DuckDB then joins under its memory limit.
+    with tempfile.TemporaryDirectory(prefix="ovis-headers-") as tmp:
+        results = Path(tmp) / "headers.parquet"
+        with pq.ParquetWriter(results, HEADER_SCHEMA) as writer:
+            buffered: list[pa.RecordBatch] = []
+            done = 0
+            for res in check_images(chunks(), deep, limits, processes):
+                w, h, r, d = zip(*res, strict=True) if res else ((), (), (), ())
+                batch = [pending.popleft(), pa.array(w, pa.int32()), pa.array(h, pa.int32())]
+                batch += [pa.array(r, pa.string()), pa.array(d, pa.string())]
+                buffered.append(pa.record_batch(batch, schema=HEADER_SCHEMA))
+                if sum(b.num_rows for b in buffered) >= HEADER_ROWS:
+                    writer.write_table(pa.Table.from_batches(buffered, HEADER_SCHEMA))
+                    buffered.clear()
+                done += len(res)
+                if progress:
+                    progress(spec.name, done, total)
+            writer.write_table(pa.Table.from_batches(buffered, HEADER_SCHEMA))
+        if store.layout == "shards" and index is None:
+            con.unregister("idx")
+        con.execute(
+            f"""CREATE OR REPLACE TEMP TABLE img AS
+                SELECT i.row, i.idx, i.path,
+                  CASE WHEN h.path IS NULL THEN i.reason ELSE h.reason END AS reason,
+                  CASE WHEN h.path IS NULL THEN i.detail ELSE h.detail END AS detail,
+                  h.width, h.height
+                FROM img i LEFT JOIN (SELECT DISTINCT ON (path) * FROM read_parquet('{_sql_text(results)}')) h
+                  ON i.reason IS NULL AND h.path = i.path"""
+        )
 
 
 def _fold_images_into_samples(con: duckdb.DuckDBPyConnection, with_sizes: bool) -> None:
     """A sample takes the reason of its first bad image; good samples get their image sizes."""
-    con.execute(
-        """UPDATE meta SET reason = b.reason, detail = b.detail FROM (
-             SELECT row, arg_min(reason, idx) AS reason, arg_min(path || ': ' || detail, idx) AS detail
-             FROM img WHERE reason IS NOT NULL GROUP BY row) b
-           WHERE meta.row = b.row"""
-    )
+    sizes, lists = "", ""
     if with_sizes:
-        con.execute(
-            """UPDATE meta SET widths = s.widths, heights = s.heights FROM (
-                 SELECT row, list(width ORDER BY idx) AS widths, list(height ORDER BY idx) AS heights
-                 FROM img GROUP BY row) s
-               WHERE meta.row = s.row AND meta.reason IS NULL"""
-        )
+        sizes = """, CASE WHEN b.row IS NOT NULL AND b.reason IS NULL AND m.reason IS NULL THEN b.widths
+                ELSE m.widths END AS widths,
+           CASE WHEN b.row IS NOT NULL AND b.reason IS NULL AND m.reason IS NULL THEN b.heights
+                ELSE m.heights END AS heights"""
+        lists = ", list(width ORDER BY idx) AS widths, list(height ORDER BY idx) AS heights"
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE meta AS
+            SELECT m.* REPLACE (
+              CASE WHEN b.reason IS NULL THEN m.reason ELSE b.reason END AS reason,
+              CASE WHEN b.reason IS NULL THEN m.detail ELSE b.detail END AS detail{sizes})
+            FROM meta m LEFT JOIN (
+              SELECT row,
+                arg_min(reason, idx) FILTER (WHERE reason IS NOT NULL) AS reason,
+                arg_min(path || ': ' || detail, idx) FILTER (WHERE reason IS NOT NULL) AS detail{lists}
+              FROM img GROUP BY row) b ON b.row = m.row"""
+    )
 
 
 def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        """UPDATE meta SET reason = 'duplicate_id', detail = 'id ' || to_json(meta.id)::VARCHAR
-             || ' first seen at row ' || d.first_row::VARCHAR
-           FROM (SELECT row, min(row) OVER (PARTITION BY id) AS first_row FROM meta
-                 WHERE id IN (SELECT id FROM meta GROUP BY id HAVING count(*) > 1)) d
-           WHERE meta.row = d.row AND d.first_row <> d.row AND meta.reason IS NULL"""
-    )
+    con.execute("CREATE OR REPLACE TEMP TABLE dup AS SELECT id, min(row) AS first_row FROM meta GROUP BY id "
+                "HAVING count(*) > 1")  # fmt: skip
+    if con.execute("SELECT count(*) FROM dup").fetchall()[0][0]:  # a rewrite, not an UPDATE: see _mark_paths
+        con.execute(
+            """CREATE OR REPLACE TEMP TABLE meta AS
+               SELECT m.* REPLACE (
+                 CASE WHEN m.reason IS NULL AND d.id IS NOT NULL THEN 'duplicate_id' ELSE m.reason END
+                   AS reason,
+                 CASE WHEN m.reason IS NULL AND d.id IS NOT NULL
+                   THEN 'id ' || to_json(m.id)::VARCHAR || ' first seen at row ' || d.first_row::VARCHAR
+                   ELSE m.detail END AS detail)
+               FROM meta m LEFT JOIN dup d ON d.id = m.id AND d.first_row <> m.row"""
+        )
+    con.execute("DROP TABLE dup")
 
 
 def _write_outputs(
@@ -197,7 +270,7 @@ def _write_outputs(
     fails leaves the pair as it was, never half a file nor a catalog beside another run's rejects.
     Both record `source` (the meta file and image store they were made from) for pack's staleness check.
 
-    Sizes were folded into `meta` by UPDATE, so the output is a scan and one sort: no join.
+    Sizes were folded into `meta` beforehand, so the output is a scan and one sort: no join.
     """
     directory = catalog_dir(root, out)
     directory.mkdir(parents=True, exist_ok=True)
@@ -256,7 +329,8 @@ def validate_dataset(
     if not meta_path.is_file():
         result.error = f"meta_file_missing: {meta_path}"
         return result
-    con = _connect()
+    opened = contextlib.ExitStack()
+    con = opened.enter_context(bounded_connection())
     try:
         # Taken before reading: a file changed while it is read is then stale, never trusted.
         source: dict = {"meta_file": meta_file_identity(meta_path), "image_store": None}
@@ -268,17 +342,21 @@ def validate_dataset(
             return result
         # Text-only samples have no sizes to learn: an empty list; otherwise null until images are read.
         con.execute(
-            """ALTER TABLE meta ADD COLUMN widths INTEGER[];
-               ALTER TABLE meta ADD COLUMN heights INTEGER[];
-               UPDATE meta SET widths = [], heights = [] WHERE len(images) = 0"""
+            """CREATE OR REPLACE TEMP TABLE meta AS SELECT *,
+                 CASE WHEN len(images) = 0 THEN []::INTEGER[] END AS widths,
+                 CASE WHEN len(images) = 0 THEN []::INTEGER[] END AS heights
+               FROM meta"""
         )
         _mark_duplicates(con)
         image_dir = spec.image_path(root)
         if image_dir is not None and not image_dir.is_dir():
             result.error = f"image_dir_missing: {image_dir}"
             con.execute(
-                """UPDATE meta SET reason = 'image_dir_missing', detail = $dir
-                   WHERE reason IS NULL AND len(images) > 0""",
+                """CREATE OR REPLACE TEMP TABLE meta AS SELECT * REPLACE (
+                     CASE WHEN reason IS NULL AND len(images) > 0 THEN 'image_dir_missing' ELSE reason END
+                       AS reason,
+                     CASE WHEN reason IS NULL AND len(images) > 0 THEN $dir ELSE detail END AS detail)
+                   FROM meta""",
                 {"dir": str(image_dir)},
             )
         elif image_dir is not None:
@@ -296,4 +374,4 @@ def validate_dataset(
         result.good = result.total - sum(result.by_reason.values())
         return result
     finally:
-        con.close()
+        opened.close()

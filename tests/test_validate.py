@@ -18,9 +18,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from ovis_data.catalog import read_catalog, rejected_path
+from ovis_data.errors import OvisDataError
 from ovis_data.imagecheck import ImageLimits
 from ovis_data.imagestore import ImageStore, build_index
 from ovis_data.registry import load_registry
+from ovis_data.report import write_report
 from ovis_data.templates import clean_caption
 from ovis_data.validate import validate_dataset
 
@@ -591,3 +593,34 @@ def test_validate_accounts_for_every_random_sample(tmp_path: Path, capsys, form,
             assert r["texts"] == [v if isinstance(v, str) else r["texts"][i] for i, v in enumerate(values)]
         else:
             assert isinstance(sample["caption"], str) and clean_caption(r["caption"]) != ""
+
+
+def test_every_row_bad_validates_under_a_small_duckdb_memory_limit(tmp_path: Path, monkeypatch):
+    """Bounded memory at any size: DuckDB's tables, joins and sorts spill to disk past
+    OVIS_DUCKDB_MEMORY_LIMIT (no UPDATE of every row, which DuckDB would hold in memory), and the report
+    is streamed. 300k caption rows whose images are all absent (every row bad, each in the report) pass
+    through a 64 MB limit, under what their meta table alone takes (about 100 MB)."""
+    n = 300_000
+    root = tmp_path / "root"
+    (root / "meta_files").mkdir(parents=True)
+    (root / "images" / "absent").mkdir(parents=True)
+    ids = pa.array([f"s{i}" for i in range(n)])
+    pq.write_table(
+        pa.table({"id": ids, "image_path": ids, "caption": pa.array(["a caption of a picture"] * n)}),
+        root / "meta_files" / "big.parquet",
+    )
+    info = {"big": {"meta_file": "big.parquet", "image_dir": "absent", "data_format": "caption", "stage": 1}}
+    (root / "info.json").write_text(json.dumps(info))
+    monkeypatch.setenv("OVIS_DUCKDB_MEMORY_LIMIT", "64MB")
+    result = validate_dataset(load_registry(root / "info.json")["big"], root, mode="meta")
+    assert result.by_reason == {"missing_image": n} and result.catalog_written
+    report = root / "report.json"
+    write_report(report, [result], root, None)
+    bad = json.loads(report.read_text())["bad_samples"]
+    assert len(bad) == n and bad[-1] == {
+        "dataset": "big", "row": n - 1, "id": f"s{n - 1}", "reason": "missing_image",
+        "detail": f"s{n - 1}: no such file",
+    }  # fmt: skip
+    monkeypatch.setenv("OVIS_DUCKDB_MEMORY_LIMIT", "lots")
+    with pytest.raises(OvisDataError, match="OVIS_DUCKDB_MEMORY_LIMIT='lots'"):
+        validate_dataset(load_registry(root / "info.json")["big"], root, mode="meta")
