@@ -118,6 +118,12 @@ class ImageStore:
             raise PermissionError(f"{image_path!r}: link out of {self.image_dir}")
         return path
 
+    def map_index(self, path: Path) -> None:
+        """Look images up in `path`, this store's index sorted as load_index sorts it and saved as an
+        Arrow file, memory-mapped: its pages are the kernel's cache, shared by every process that reads,
+        and let go with this store (pack's workers map it per shard), not a copy loaded by each."""
+        self._index = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
     def read_bytes(self, image_path: str) -> bytes:
         if self.layout == "files":
             return self.file_path(image_path).read_bytes()

@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 
 from .catalog import catalog_path, check_catalog_current
 from .errors import OvisDataError
-from .imagestore import ImageStore
+from .imagestore import INDEX_SCHEMA, ImageStore, index_file, is_shard_dir
 from .packing import DEFAULT_BUFFER, pack_lengths
 from .recipes import StageRecipe, load_recipe
 from .registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
@@ -212,7 +212,20 @@ def _store(dataset: str) -> ImageStore | None:
     if dataset not in stores:
         image_dir = _W["cfg"].image_dirs[dataset]
         stores[dataset] = ImageStore(as_path(image_dir)) if image_dir is not None else None
+        mapped = _mapped_index_path(_W["cfg"], dataset)
+        if stores[dataset] is not None and stores[dataset].layout == "shards" and mapped.exists():
+            stores[dataset].map_index(mapped)
     return stores[dataset]
+
+
+def _release_mappings() -> None:
+    """Let go of the memory maps one shard touched (units' tokens, mapped indexes): a shard reads its
+    samples from all over them, so kept, they would bring every page of them into this process's
+    resident memory, 10M samples' worth; mapped again for the next shard, they cost a few milliseconds."""
+    _W["readers"].clear()
+    stores = _W["stores"]
+    for dataset in [d for d in stores if _mapped_index_path(_W["cfg"], d).exists()]:
+        del stores[dataset]
 
 
 def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dict:
@@ -278,6 +291,8 @@ def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dic
     except BaseException:
         writer.abort()
         raise
+    finally:
+        _release_mappings()
     if cfg.publish is not None:  # object storage: the whole tar in one PUT, then its stats beside it
         remote = as_path(cfg.publish)
         (remote / name).put_file(writer.path)
@@ -310,6 +325,36 @@ def _pull_state(remote: RemotePath, local: Path) -> None:
         if path.exists():
             rel = path.url[len(remote.url) + 1 :]
             path.get_file(local / rel)
+
+
+def _mapped_index_path(cfg: PackConfig, dataset: str) -> Path:
+    return Path(cfg.out) / WORK / "tok" / "index" / f"{dataset}.arrow"  # removed with tok/ when done
+
+
+def _map_indexes(cfg: PackConfig) -> None:
+    """For each local shards store, its index as load_index orders it (by image_path, then as stored),
+    saved as an Arrow file that the shard writers memory-map: a 10M-image index is read and sorted once,
+    by DuckDB under its memory limit, instead of loaded and sorted in every worker. Rewritten each run
+    (the store may have changed); object stores keep load_index in each worker."""
+    from .validate import bounded_connection  # DuckDB: imported by the main process only
+
+    for dataset, image_dir in cfg.image_dirs.items():
+        if image_dir is None or "://" in image_dir or not is_shard_dir(Path(image_dir)):
+            continue
+        index = index_file(Path(image_dir))
+        dest = _mapped_index_path(cfg, dataset)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        source = str(index).replace("'", "''")
+        with bounded_connection() as con:
+            reader = con.sql(
+                'SELECT image_path, tar, "offset", size FROM read_parquet(\'' + source + "', "
+                "file_row_number = true) ORDER BY image_path, file_row_number"
+            ).to_arrow_reader(65536)
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer:
+                for batch in reader:
+                    writer.write_batch(batch.cast(INDEX_SCHEMA))
+        os.replace(tmp, dest)
 
 
 def _file_sha256(path: Path) -> str:
@@ -395,18 +440,19 @@ def _drop_reasons(
     if not tables:
         empty = np.zeros(0, dtype=np.int64)
         return empty.astype(np.int8), names, empty, empty
-    n_tok = np.concatenate([pc.list_value_length(t.column("ids")).to_numpy() for t in tables])
-    n_img = np.concatenate([t.column("n_images").to_numpy() for t in tables]).astype(np.int64)
-    n_sup = np.concatenate([t.column("n_supervised").to_numpy() for t in tables])
-    listed = np.concatenate([pc.list_value_length(t.column("images")).to_numpy() for t in tables])
-    failed = np.concatenate([t.column("error").is_valid().to_numpy(zero_copy_only=False) for t in tables])
-    true_len = n_tok.astype(np.int64) + (cfg.visual_tokens - 1) * n_img
-    reason = np.zeros(len(true_len), dtype=np.int8)
-    reason[n_img > cfg.max_images] = 5  # more images than one packed sequence may hold
-    reason[true_len > cfg.capacity] = 4
-    reason[n_sup == 0] = 3
-    reason[n_img != listed] = 2
-    reason[failed] = 1
+    parts = []
+    for t in tables:  # per unit: only the three results ever span all samples (10M: 170 MB)
+        n_tok = pc.list_value_length(t.column("ids")).to_numpy()
+        n_img = t.column("n_images").to_numpy().astype(np.int64)
+        true_len = n_tok.astype(np.int64) + (cfg.visual_tokens - 1) * n_img
+        reason = np.zeros(len(true_len), dtype=np.int8)
+        reason[n_img > cfg.max_images] = 5  # more images than one packed sequence may hold
+        reason[true_len > cfg.capacity] = 4
+        reason[t.column("n_supervised").to_numpy() == 0] = 3
+        reason[n_img != pc.list_value_length(t.column("images")).to_numpy()] = 2
+        reason[t.column("error").is_valid().to_numpy(zero_copy_only=False)] = 1
+        parts.append((reason, true_len, n_img))
+    reason, true_len, n_img = (np.concatenate(x) for x in zip(*parts, strict=True))
     return reason, names, true_len, n_img
 
 
@@ -589,6 +635,7 @@ def pack_stage(
     sizes = np.diff(packing.offsets)
 
     # Phase 3: write every shard not done yet.
+    _map_indexes(cfg)
     n_shards = math.ceil(packing.n_packs / cfg.packs_per_shard)
     tasks = []
     done_stats = {}

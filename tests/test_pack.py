@@ -19,10 +19,11 @@ import webdataset as wds
 from PIL import Image
 from test_templates import by_hand_caption, by_hand_chat
 from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenizer, save
-from test_validate import CONV_ROWS, make_root, write_meta
+from test_validate import CONV_ROWS, make_root, write_meta, write_shards
 
 from ovis_data.catalog import catalog_path, check_catalog_current
 from ovis_data.errors import OvisDataError
+from ovis_data.imagestore import ImageStore
 from ovis_data.pack import pack_stage
 from ovis_data.recipes import load_recipe
 from ovis_data.registry import load_registry
@@ -438,3 +439,33 @@ def test_recipe_visual_tokens_and_image_size_must_be_positive_integers(tmp_path:
         load_recipe(recipe, load_registry())
     default = load_recipe(_set_recipe_keys(recipe, **{key: None}), load_registry())
     assert (default.visual_tokens, default.image_size) == (578, 336)  # absent: CLIP ViT-L/14-336's
+
+
+def test_a_shards_store_packs_to_the_same_bytes_as_its_files(root: Path, tmp_path: Path, monkeypatch):
+    """coyo-10m's images in the shards layout, as fetch writes them: the shard writers look them up in a
+    memory-mapped copy of the sorted index (never the 10M-row index loaded in each worker) and write the
+    very bytes the files layout gives."""
+    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
+    spec = load_registry()["coyo-10m"]
+    roots = {layout: tmp_path / layout for layout in ("files", "shards")}
+    for r in roots.values():
+        shutil.copytree(root, r, ignore=shutil.ignore_patterns("images", "catalogs"))
+    (roots["files"] / "images").symlink_to(root / "images")
+    files = root / "images" / spec.image_dir
+    images = {p.relative_to(files).as_posix(): p.read_bytes() for p in files.rglob("*") if p.is_file()}
+    write_shards(roots["shards"] / "images" / spec.image_dir, images, per_shard=16)
+    mapped, map_index = [], ImageStore.map_index
+
+    def spy(self: ImageStore, path: Path) -> None:
+        mapped.append(path)
+        map_index(self, path)
+
+    monkeypatch.setattr(ImageStore, "map_index", spy)
+    hashes = {}
+    for layout, r in roots.items():
+        validate_dataset(spec, r)
+        m = pack_stage(recipe, r, qwen_path(), tmp_path / f"out_{layout}", processes=1, packs_per_shard=8)
+        hashes[layout] = _shard_hashes(tmp_path / f"out_{layout}" / "stage1")
+        assert m["datasets"]["coyo-10m"]["packed"] > 0 and not m["dropped"].get("image_unreadable")
+    assert hashes["shards"] == hashes["files"] and len(hashes["files"]) > 1
+    assert mapped and all(p.name == "coyo-10m.arrow" for p in mapped)
