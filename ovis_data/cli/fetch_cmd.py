@@ -57,6 +57,15 @@ def fetch(
     engine: Annotated[str, typer.Option(help="ovis (built in) or img2dataset (optional extra).")] = "ovis",
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here.")] = None,
     dataset_info: InfoOption = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Run on a Ray cluster, one task per shard: auto (the cluster this node belongs to), "
+            "local (start one here) or host:port. Needs the ray extra.",
+        ),
+    ] = None,
 ) -> None:
     """Download the images of URL datasets, resumably: re-run the same command after any interruption.
 
@@ -92,6 +101,7 @@ def fetch(
         shard_size=shard_size,
         retry_failed=retry_failed,
         part=parse_part(part),
+        ray=ray,
     )
     if engine == "img2dataset":
         from ..fetch.img2dataset_engine import fetch_datasets_with_img2dataset

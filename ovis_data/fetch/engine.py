@@ -57,6 +57,7 @@ class FetchOptions:
     stall_s: float = 300.0  # a run where no row finishes for this long has its stuck rows ended
     durable: bool = True  # fsync a shard's files before its done-marker (survives power loss)
     processor: str = PROCESSOR  # "module:function" with process_image's signature, run in the workers
+    ray: str | None = None  # a Ray cluster's address ("auto", "local", host:port): one task per shard
 
 
 @dataclass
@@ -138,10 +139,14 @@ def fetch_url_list(
     fetch.remote: fetched here, each finished shard put there). `on_shard(shard_id)` runs (in a thread)
     after a shard's done-marker is written; `index=False` leaves the shards layout's index.parquet to the
     caller (several runs sharing an image_dir must not all rewrite it)."""
+    if options is not None and options.ray is not None:
+        from .ray_engine import fetch_with_ray
+
+        return fetch_with_ray(url_list, image_dir, options, label, console)
     if isinstance(image_dir, RemotePath):
         from .remote import fetch_to_remote
 
-        return fetch_to_remote(url_list, image_dir, options or FetchOptions(), label, console)
+        return fetch_to_remote(url_list, image_dir, options or FetchOptions(), label, console, index=index)
     opts = options or FetchOptions()
     image_dir.mkdir(parents=True, exist_ok=True)
     book = image_dir / BOOKKEEPING

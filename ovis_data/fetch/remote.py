@@ -22,7 +22,7 @@ from rich.console import Console
 from ..imagestore import build_index
 from ..storage import RemotePath, staging_dir
 from . import classes as C
-from .reader import UrlList
+from .reader import UrlList, part_shards, shard_count
 from .report import FetchReport
 from .writer import BOOKKEEPING, shard_name, status_dir
 
@@ -37,19 +37,25 @@ def _rel(remote: RemotePath, path: RemotePath) -> str:
     return path.url[len(remote.url) + 1 :]
 
 
-def pull_bookkeeping(remote: RemotePath, staging: Path, retry_failed: bool) -> str | None:
-    """Copy the store's run.json and finished shards' status into `staging` (emptied first); with
-    retry_failed, also the tars that will be added to. Returns the layout recorded there, if any."""
+def pull_bookkeeping(
+    remote: RemotePath, staging: Path, retry_failed: bool, part: tuple[int, int] = (0, 1)
+) -> str | None:
+    """Copy the store's run.json and the finished status of the part's shards into `staging` (emptied
+    first); with retry_failed, also the tars that will be added to. Returns the layout recorded, if any."""
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     run = remote / RUN_FILE
     if not run.exists():
         return None
     run.get_file(staging / RUN_FILE)
-    layout = json.loads((staging / RUN_FILE).read_text())["layout"]
+    run_info = json.loads((staging / RUN_FILE).read_text())
+    layout = run_info["layout"]
+    n_shards = shard_count(run_info["total_rows"], run_info["shard_size"])
+    mine = {shard_name(s) for s in part_shards(n_shards, part)}
     where = remote if layout == "shards" else remote / BOOKKEEPING
     local = status_dir(staging, layout)
     shards = [m.name[: -len("_stats.json")] for m in where.glob("*_stats.json")]
+    shards = [s for s in shards if s in mine]
     names = [f"{s}{ext}" for s in shards for ext in (".parquet", "_stats.json")]
     local.mkdir(parents=True, exist_ok=True)
     if names:  # small files, many of them: one batched, concurrent get
@@ -96,7 +102,7 @@ def fetch_to_remote(
 
     i, n = options.part
     staging = staging_dir("fetch", f"{remote}#part-{i + 1}-of-{n}")
-    pull_bookkeeping(remote, staging, options.retry_failed)
+    pull_bookkeeping(remote, staging, options.retry_failed, options.part)
     layouts: list[str] = []
 
     def on_shard(shard_id: int) -> None:
