@@ -396,9 +396,13 @@ def _run(
     label: str,
     progress: Progress | None,
     weights: list[int],
+    ray: str | None = None,
 ):
-    """Run fn(*task) for every task, in this process or a pool; results in completion order. Progress
-    counts what the tasks hold (`weights`: samples to tokenize, records to write), not the tasks."""
+    """Run fn(*task) for every task, in this process, a pool or (ray: an address) as Ray tasks; results in
+    completion order. Progress counts what the tasks hold (`weights`: samples to tokenize, records to
+    write), not the tasks."""
+    if ray is not None:
+        return _run_ray(fn, tasks, init, label, progress, weights, ray)
     results = []
     total, done = sum(weights), 0
     if progress:
@@ -429,6 +433,38 @@ def _run(
             done += futures[fut]
             if progress:
                 progress(label, done, total)
+    return results
+
+
+def _ray_task(fn: Callable, init: tuple, *args: Any) -> Any:
+    """One pack task in a Ray worker: the worker state is set up once per pack run, as a pool's initializer
+    does, then kept for the tasks that follow on that worker."""
+    key = (init[0], len(init[2] or ()))
+    if _W.get("ray_key") != key:
+        _init_worker(*init)
+        _W["ray_key"] = key
+    return fn(*args)
+
+
+def _run_ray(fn: Callable, tasks: list[tuple], init: tuple, label: str, progress, weights, address: str):
+    """Tokenization units and shards as Ray tasks (one CPU each; lost ones retried). The plan stays here,
+    and a shard's bytes depend only on its task's inputs: the same shards as a local run."""
+    from .fetch.ray_engine import TASK_RETRIES, connect
+
+    ray = connect(address)
+    init_ref = ray.put(init)
+    remote = ray.remote(_ray_task).options(num_cpus=1, max_retries=TASK_RETRIES)
+    futures = {remote.remote(fn, init_ref, *t): w for t, w in zip(tasks, weights, strict=True)}
+    total, done, results = sum(weights), 0, []
+    if progress:
+        progress(label, 0, total)
+    pending = list(futures)
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        results.append(ray.get(finished[0]))
+        done += futures[finished[0]]
+        if progress:
+            progress(label, done, total)
     return results
 
 
@@ -482,6 +518,7 @@ def pack_stage(
     overwrite: bool = False,
     registry: dict[str, DatasetSpec] | None = None,
     progress: Progress | None = None,
+    ray: str | None = None,
 ) -> dict:
     """Pack one stage into OUT/stageN/ and return its manifest. Resumes a killed run with the same
     inputs; refuses (unless overwrite) to mix with shards packed from other inputs. `max_length`,
@@ -522,6 +559,11 @@ def pack_stage(
     if cfg.capacity < cfg.visual_tokens:
         raise OvisDataError(f"max length {cfg.capacity} cannot hold one image ({cfg.visual_tokens} tokens)")
     out_dir = Path(cfg.out)
+    if ray is not None and remote_out is not None:  # Ray tasks on other nodes read the work files
+        raise OvisDataError(
+            f"--ray packs into a folder every node sees (a shared file system), not {remote_out}: "
+            "drop --ray (workers on this machine) or pack to shared storage and copy the stage"
+        )
     shown = remote_out or out_dir  # what messages name
     if remote_out is not None:
         _pull_state(remote_out, out_dir)
@@ -594,7 +636,8 @@ def pack_stage(
     backend_json = tok.backend_tokenizer.to_str()
     todo = [(u,) for u in units if not Path(u.path).exists()]
     rows = [pq.ParquetFile(u.catalog).metadata.row_group(u.row_group).num_rows for (u,) in todo]
-    _run(_tokenize_unit, todo, processes, (cfg, backend_json, None, None), "tokenize", progress, rows)
+    tok_init = (cfg, backend_json, None, None)
+    _run(_tokenize_unit, todo, processes, tok_init, "tokenize", progress, rows, ray=ray)
 
     # Phase 2: drop by reason, apply the mixture, pack.
     tables = [pa.ipc.open_file(pa.memory_map(u.path)).read_all() for u in units]
@@ -651,7 +694,8 @@ def pack_stage(
         p0, p1 = s * cfg.packs_per_shard, min(packing.n_packs, (s + 1) * cfg.packs_per_shard)
         tasks.append((s, sizes[p0:p1], samples[packing.offsets[p0] : packing.offsets[p1]]))
     init = (cfg, backend_json, units, bases)
-    for st in _run(_write_shard, tasks, processes, init, "write", progress, [len(t[1]) for t in tasks]):
+    weights = [len(t[1]) for t in tasks]
+    for st in _run(_write_shard, tasks, processes, init, "write", progress, weights, ray=ray):
         done_stats[int(st["name"][-9:-4])] = st
     shards = [done_stats[s] for s in range(n_shards)]
 

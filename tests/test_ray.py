@@ -98,3 +98,25 @@ def test_a_worker_node_lost_mid_fetch_costs_no_row(cluster: Cluster, corpus: Pat
     assert report.success + sum(report.failed.values()) == report.total == 160
     assert report.failed == {"http_404": 3} and report.shards["unfinished"] == 0
     assert len(load_index(image_dir)) == report.success
+
+
+def test_pack_on_ray_writes_the_local_runs_shards(cluster: Cluster, corpus: Path, tmp_path: Path):
+    from test_pack import _recipe
+    from test_templates_tokenizers import qwen_path
+
+    from ovis_data.pack import pack_stage
+    from ovis_data.validate import validate_dataset
+
+    root = _root(corpus, tmp_path / "data")
+    opts = FetchOptions(layout="shards", shard_size=64, processes=1, net=NET)
+    fetch_datasets(["coyo-10m"], root, opts, load_registry())
+    assert validate_dataset(load_registry()["coyo-10m"], root, processes=1).good > 0
+    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
+    local = pack_stage(recipe, root, qwen_path(), tmp_path / "local", processes=1, packs_per_shard=4)
+    on_ray = pack_stage(recipe, root, qwen_path(), tmp_path / "ray", packs_per_shard=4, ray=cluster.address)
+    assert len(on_ray["shards"]) > 2 and on_ray == local
+    for s in local["shards"]:
+        name = s["name"]
+        assert (tmp_path / "ray" / "stage1" / name).read_bytes() == (
+            tmp_path / "local" / "stage1" / name
+        ).read_bytes()

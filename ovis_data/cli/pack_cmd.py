@@ -51,6 +51,15 @@ def pack(
     ] = False,
     dataset_info: InfoOption = None,
     quiet: QuietOption = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Tokenize and write shards as Ray tasks: auto (this node's cluster), local or host:port; "
+            "--out on storage every node sees. Same shards as without. Needs the ray extra.",
+        ),
+    ] = None,
 ) -> None:
     """Pack a stage's validated samples into webdataset shards of fixed-capacity sequences.
 
@@ -84,6 +93,7 @@ def pack(
             overwrite=overwrite,
             registry=registry,
             progress=on_progress,
+            ray=ray,
         )
     n = manifest["stage"]
     table = Table(title=f"stage {n} packed into {as_path(out) / f'stage{n}'}")
