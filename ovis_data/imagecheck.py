@@ -103,12 +103,39 @@ def _check_chunk(args: tuple[list[Location], bool, ImageLimits]) -> list[Result]
     return [check_image(loc, deep, limits) for loc in locs]
 
 
+def _check_on_ray(tasks: Iterable[tuple], address: str) -> Iterator[list[Result]]:
+    """Chunks as Ray tasks, results in order; in flight at most 4 per CPU of the cluster (10M paths never
+    all submitted); a chunk lost with its node is run again."""
+    from collections import deque
+
+    from .fetch.ray_engine import TASK_RETRIES, connect
+
+    ray = connect(address)
+    remote = ray.remote(_check_chunk).options(num_cpus=1, max_retries=TASK_RETRIES)
+    window = max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(remote.remote(task))
+        if len(pending) >= window:
+            yield ray.get(pending.popleft())
+    while pending:
+        yield ray.get(pending.popleft())
+
+
 def check_images(
-    locations: Iterable[list[Location]], deep: bool, limits: ImageLimits, processes: int | None
+    locations: Iterable[list[Location]],
+    deep: bool,
+    limits: ImageLimits,
+    processes: int | None,
+    ray: str | None = None,
 ) -> Iterator[list[Result]]:
-    """Check chunks of locations in order, over `processes` worker processes (all cores by default)."""
+    """Check chunks of locations in order, over `processes` worker processes (all cores by default), or
+    as Ray tasks of one CPU on the cluster at `ray` (locations must be readable on every node)."""
     processes = processes or os.cpu_count() or 1
     tasks = ((chunk, deep, limits) for chunk in locations)
+    if ray is not None:
+        yield from _check_on_ray(tasks, ray)
+        return
     if processes == 1:
         yield from map(_check_chunk, tasks)
         return

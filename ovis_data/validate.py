@@ -160,8 +160,10 @@ def _check_headers(
     limits: ImageLimits,
     processes: int | None,
     progress: ProgressFn | None,
+    ray: str | None = None,
 ) -> None:
-    """Open (or fully decode) every unique image still good, in worker processes, and record the result."""
+    """Open (or fully decode) every unique image still good, in worker processes (or Ray tasks: `ray`, a
+    cluster's address), and record the result."""
     index = index_file(store.image_dir) if store.layout == "shards" else None
     if store.layout == "shards":
         if index is not None:  # scanned by DuckDB, never loaded here
@@ -199,7 +201,7 @@ def _check_headers(
         with pq.ParquetWriter(results, HEADER_SCHEMA) as writer:
             buffered: list[pa.RecordBatch] = []
             done = 0
-            for res in check_images(chunks(), deep, limits, processes):
+            for res in check_images(chunks(), deep, limits, processes, ray=ray):
                 w, h, r, d = zip(*res, strict=True) if res else ((), (), (), ())
                 batch = [pending.popleft(), pa.array(w, pa.int32()), pa.array(h, pa.int32())]
                 batch += [pa.array(r, pa.string()), pa.array(d, pa.string())]
@@ -319,8 +321,10 @@ def validate_dataset(
     processes: int | None = None,
     catalog_out: Path | None = None,
     progress: ProgressFn | None = None,
+    ray: str | None = None,
 ) -> DatasetResult:
-    """Validate one dataset; writes its catalog and rejected rows. Dataset-level problems go in .error."""
+    """Validate one dataset; writes its catalog and rejected rows. Dataset-level problems go in .error.
+    With `ray` (a Ray cluster's address) the per-image checks run as Ray tasks; the rest stays here."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     limits = limits or ImageLimits()
@@ -363,7 +367,7 @@ def validate_dataset(
             store = ImageStore(image_dir)
             source["image_store"] = _mark_paths(con, store)
             if mode != "meta":
-                _check_headers(con, spec, store, mode == "deep", limits, processes, progress)
+                _check_headers(con, spec, store, mode == "deep", limits, processes, progress, ray)
             _fold_images_into_samples(con, with_sizes=mode != "meta")
         _write_outputs(con, spec, root, catalog_out, mode, source)
         result.catalog_written = True

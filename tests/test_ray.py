@@ -1,5 +1,6 @@
-"""fetch --ray on a real multi-node Ray cluster on this machine (a head without CPUs and two worker nodes
-of one CPU each, `ray.cluster_utils.Cluster`, started and shut down here), against the local engine."""
+"""fetch, validate and pack --ray on a real multi-node Ray cluster on this machine (a head without CPUs
+and two worker nodes of one CPU each, `ray.cluster_utils.Cluster`, started and shut down here), against
+the local engine."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_a_worker_node_lost_mid_fetch_costs_no_row(cluster: Cluster, corpus: Pat
     assert len(load_index(image_dir)) == report.success
 
 
-def test_pack_on_ray_writes_the_local_runs_shards(cluster: Cluster, corpus: Path, tmp_path: Path):
+def test_validate_and_pack_on_ray_match_a_local_run(cluster: Cluster, corpus: Path, tmp_path: Path):
     from test_pack import _recipe
     from test_templates_tokenizers import qwen_path
 
@@ -110,7 +111,11 @@ def test_pack_on_ray_writes_the_local_runs_shards(cluster: Cluster, corpus: Path
     root = _root(corpus, tmp_path / "data")
     opts = FetchOptions(layout="shards", shard_size=64, processes=1, net=NET)
     fetch_datasets(["coyo-10m"], root, opts, load_registry())
-    assert validate_dataset(load_registry()["coyo-10m"], root, processes=1).good > 0
+    spec = load_registry()["coyo-10m"]
+    checked = validate_dataset(spec, root, "deep", catalog_out=tmp_path / "cat", ray=cluster.address)
+    want = validate_dataset(spec, root, "deep", processes=1)  # the catalog pack reads
+    assert (checked.total, checked.good, checked.by_reason) == (want.total, want.good, want.by_reason)
+    assert want.good > 0 and want.by_reason  # the demo's broken images are among them
     recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
     local = pack_stage(recipe, root, qwen_path(), tmp_path / "local", processes=1, packs_per_shard=4)
     on_ray = pack_stage(recipe, root, qwen_path(), tmp_path / "ray", packs_per_shard=4, ray=cluster.address)

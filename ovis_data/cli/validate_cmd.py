@@ -47,6 +47,15 @@ def validate(
     ] = DEFAULT_MAX_PIXELS,
     dataset_info: InfoOption = None,
     quiet: QuietOption = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Check images as Ray tasks: auto (this node's cluster), local or host:port; the root on "
+            "storage every node sees (or s3://). Needs the ray extra.",
+        ),
+    ] = None,
 ) -> None:
     """Check meta files against their images; write the catalogs of good samples that pack reads.
 
@@ -86,7 +95,9 @@ def validate(
             shown.update("datasets", i, len(specs), "", f"validating {spec.name}")
             shown.reset("images of")
             results.append(
-                validate_dataset(spec, base, mode, limits, processes, catalog_dir, progress=on_images)
+                validate_dataset(
+                    spec, base, mode, limits, processes, catalog_dir, progress=on_images, ray=ray
+                )
             )
     console.print(summary_table(results))
     if report:
