@@ -299,6 +299,19 @@ class PackedStage(IterableDataset):
         return slot_bytes(tokens, self.num_visual_tokens, self.image_processor.image_size)
 
 
+class _SameEnvironment:
+    """A worker_init_fn giving each worker the environment of the process that started the DataLoader: a
+    forkserver's workers would otherwise see the server's, as it was when the first loader started it
+    (credentials or endpoints set since, e.g. AWS_* for s3:// data, would be missing)."""
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self.environ = environ
+
+    def __call__(self, _worker_id: int) -> None:
+        os.environ.clear()
+        os.environ.update(self.environ)
+
+
 class TrainLoader:
     """Epoch after epoch of a rank's micro-batches, with an exact, resumable position.
 
@@ -349,7 +362,11 @@ class TrainLoader:
             if self.mp_context == "forkserver":
                 # workers fork from a server that imported torch and this module once, not per worker
                 context.set_forkserver_preload([__name__])
-            kwargs.update(prefetch_factor=self.prefetch_factor, multiprocessing_context=context)
+            kwargs.update(
+                prefetch_factor=self.prefetch_factor,
+                multiprocessing_context=context,
+                worker_init_fn=_SameEnvironment(dict(os.environ)),
+            )
         return DataLoader(
             self.dataset,
             batch_size=None,  # the dataset yields whole micro-batches
