@@ -644,8 +644,10 @@ def pack_stage(
     counts = np.array([t.num_rows for t in tables], dtype=np.int64)
     bases = np.concatenate(([0], np.cumsum(counts)))
     reason, reason_names, true_len, n_img = _drop_reasons(tables, cfg)
+    del tables  # unmapped now: the pages it read (10M samples: ~0.6 GB) leave this process's RSS
     datasets: dict[str, dict] = {}
     items = []
+    chosen = why = np.zeros(0, dtype=np.int64)
     for m in recipe.datasets:
         idx = [i for i, u in enumerate(units) if u.dataset == m.name]
         lo, hi = (bases[idx[0]], bases[idx[-1] + 1]) if idx else (0, 0)
@@ -664,16 +666,21 @@ def pack_stage(
                 reason_names[c]: int(n) for c, n in zip(codes.tolist(), counts.tolist(), strict=True)
             },
         }
-    items_arr = np.concatenate(items) if items else np.zeros(0, dtype=np.int64)
+    # Every array of all samples that is no longer needed goes at once (10M samples: 80 MB each).
+    del chosen, why, reason
+    items_arr = items[0] if len(items) == 1 else np.concatenate([np.zeros(0, dtype=np.int64), *items])
+    del items
+    lengths, images = true_len[items_arr], n_img[items_arr]
+    del true_len, n_img
     packing = pack_lengths(
-        true_len[items_arr],
+        lengths,
         cfg.capacity,
-        images=n_img[items_arr],
+        images=images,
         max_images=cfg.max_images,
         buffer_size=cfg.buffer_size,
         seed=cfg.seed,
     )
-    del tables
+    del lengths, images
     samples = items_arr[packing.order]
     sizes = np.diff(packing.offsets)
 
