@@ -17,6 +17,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import uuid
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -436,13 +437,13 @@ def _run(
     return results
 
 
-def _ray_task(fn: Callable, init: tuple, *args: Any) -> Any:
-    """One pack task in a Ray worker: the worker state is set up once per pack run, as a pool's initializer
-    does, then kept for the tasks that follow on that worker."""
-    key = (init[0], len(init[2] or ()))
-    if _W.get("ray_key") != key:
+def _ray_task(fn: Callable, init: tuple, run: str, *args: Any) -> Any:
+    """One pack task in a Ray worker: the worker state is set up once per pack run (`run`: a token unique
+    to it, so a second run with the same settings in a long-lived worker never reuses the first one's
+    memory maps of work files), as a pool's initializer does, then kept for the tasks that follow."""
+    if _W.get("ray_run") != run:
         _init_worker(*init)
-        _W["ray_key"] = key
+        _W["ray_run"] = run
     return fn(*args)
 
 
@@ -454,7 +455,8 @@ def _run_ray(fn: Callable, tasks: list[tuple], init: tuple, label: str, progress
     ray = connect(address)
     init_ref = ray.put(init)
     remote = ray.remote(_ray_task).options(num_cpus=1, max_retries=TASK_RETRIES)
-    futures = {remote.remote(fn, init_ref, *t): w for t, w in zip(tasks, weights, strict=True)}
+    run = uuid.uuid4().hex
+    futures = {remote.remote(fn, init_ref, run, *t): w for t, w in zip(tasks, weights, strict=True)}
     total, done, results = sum(weights), 0, []
     if progress:
         progress(label, 0, total)
