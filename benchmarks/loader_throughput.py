@@ -72,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cpu_load import others_cpu_seconds
 from pack_corpus import VISUAL_TOKENS, captions, qwen_path, stage3_conversations
 from pack_throughput import OriginalQwenFormatter
 from PIL import Image
@@ -501,30 +502,6 @@ def code_version(since_head: str | None = None) -> dict:
 
 
 # -- the machine's other load -------------------------------------------------------------------------------
-def others_cpu_seconds() -> float | None:
-    """CPU seconds the machine has spent so far outside this script's process tree: all busy time
-    (/proc/stat) less the tree's (live processes, plus what they reaped: v1's workers are reaped by this
-    process, ours' by our forkserver). Robust to other processes that exit meanwhile. None without
-    psutil or /proc."""
-    try:
-        import psutil
-
-        with open("/proc/stat", encoding="ascii") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except (ImportError, OSError, ValueError):
-        return None
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    me = psutil.Process()
-    mine = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        mine += t.user + t.system + t.children_user + t.children_system
-    return busy - mine
-
-
 def wait_idle(max_wait_s: float, threshold: float = 0.10) -> dict:
     """Wait (up to max_wait_s) until other processes use under `threshold` of the CPUs over 3 s."""
     n_cpu = os.cpu_count() or 1

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from cpu_load import others_cpu_seconds  # noqa: E402
 from validate_bench import make_meta  # noqa: E402
 
 ROLES = ["system", "human", "gpt"]
@@ -337,21 +338,6 @@ def worker(engine: str, root: Path, which: str) -> None:
 
 
 # -- the machine's other load (as benchmarks/loader_throughput.py measures it) -----------------------------
-def others_cpu_seconds() -> float | None:
-    """CPU seconds the machine has spent outside this process and the children it reaped. None without
-    psutil or /proc."""
-    try:
-        import psutil
-
-        with open("/proc/stat", encoding="ascii") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except (ImportError, OSError, ValueError):
-        return None
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    t = psutil.Process().cpu_times()
-    return busy - (t.user + t.system + t.children_user + t.children_system)
-
-
 def measured(engine: str, root: Path, which: str) -> dict:
     load1 = os.getloadavg()[0]
     a, t0 = others_cpu_seconds(), time.time()

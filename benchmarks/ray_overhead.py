@@ -40,35 +40,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow.parquet as pq  # noqa: E402
+from cpu_load import cpu_seconds  # noqa: E402
 from fetch_vs_img2dataset import BENCH, MAX_SIDE, QUALITY, corpus, start_server, url_list  # noqa: E402
 from pack_corpus import captions, qwen_path  # noqa: E402
 
 from ovis_data.catalog import catalog_path  # noqa: E402
 from ovis_data.fetch import FetchOptions, ImageParams, NetParams, fetch_url_list, open_url_list  # noqa: E402
 from ovis_data.fetch.frames import default_processes  # noqa: E402
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """(machine, this script's process tree) CPU seconds so far, loader_throughput.py's measure: all busy
-    time (/proc/stat), and the tree's, live processes plus what they reaped (Ray's raylet and workers, the
-    pool's forkserver are in the tree). None without psutil or /proc."""
-    try:
-        import psutil
-
-        with open("/proc/stat", encoding="ascii") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except (ImportError, OSError, ValueError):
-        return None
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    me = psutil.Process()
-    mine = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        mine += t.user + t.system + t.children_user + t.children_system
-    return busy, mine
 
 
 class Load:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ovis_data.demo_corpus import build_demo_corpus
+from ovis_data.fetch import serve_directory
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +32,13 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
         cwd=cwd,
         timeout=600,
     )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The demo corpus with its URL datasets' images on a local HTTP server (one per test module)."""
+    base = tmp_path_factory.mktemp("corpus")
+    served = base / "served"
+    served.mkdir()
+    with serve_directory(served) as url:
+        yield build_demo_corpus(base / "data", seed=0, url_root=served, base_url=url)

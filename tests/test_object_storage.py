@@ -18,8 +18,7 @@ from test_templates_tokenizers import qwen_path
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from ovis_data.demo_corpus import build_demo_corpus  # noqa: E402
-from ovis_data.fetch import FetchOptions, NetParams, fetch_datasets, serve_directory  # noqa: E402
+from ovis_data.fetch import FetchOptions, NetParams, fetch_datasets  # noqa: E402
 from ovis_data.imagestore import load_index  # noqa: E402
 from ovis_data.pack import pack_stage  # noqa: E402
 from ovis_data.registry import load_registry  # noqa: E402
@@ -56,16 +55,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             else:
                 os.environ[k] = v
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The demo corpus with its URL datasets' images on a local HTTP server."""
-    base = tmp_path_factory.mktemp("corpus")
-    served = base / "served"
-    served.mkdir()
-    with serve_directory(served) as url:
-        yield build_demo_corpus(base / "data", seed=0, url_root=served, base_url=url)
 
 
 def _same_report(a: dict, b: dict) -> dict:

@@ -16,8 +16,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from ovis_data.demo_corpus import build_demo_corpus  # noqa: E402
-from ovis_data.fetch import FetchOptions, NetParams, fetch_datasets, serve_directory  # noqa: E402
+from ovis_data.fetch import FetchOptions, NetParams, fetch_datasets  # noqa: E402
 from ovis_data.imagestore import ImageStore, load_index  # noqa: E402
 from ovis_data.registry import load_registry  # noqa: E402
 
@@ -35,15 +34,6 @@ def cluster() -> Iterator[Cluster]:
     finally:
         ray.shutdown()
         c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    base = tmp_path_factory.mktemp("corpus")
-    served = base / "served"
-    served.mkdir()
-    with serve_directory(served) as url:
-        yield build_demo_corpus(base / "data", seed=0, url_root=served, base_url=url)
 
 
 def _root(corpus: Path, dest: Path) -> Path:
