@@ -284,7 +284,6 @@ class PackedStage(IterableDataset):
             },
         }
 
-
     def _hand_over(self, inputs: dict) -> dict:
         """In a worker: the micro-batch's tensors left in shared memory for the main process (wire.py)."""
         info = get_worker_info()
