@@ -55,12 +55,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
+
+from sessions import kill_session  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -351,18 +352,6 @@ def _gpu_memory_used_mib() -> int | None:
         return int(p.stdout.split()[0]) if p.returncode == 0 and p.stdout.strip() else None
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of session `sid` (a child started with start_new_session=True): its DataLoader
-    workers, forkserver and any compiler a JIT build started in a process group of its own."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:  # after the command: state, ppid, pgrp, session
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            continue
 
 
 def packed_run(

@@ -40,13 +40,14 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from sessions import kill_session  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -158,18 +159,6 @@ def child_env() -> dict:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of session `sid` (a child started with start_new_session=True): its DataLoader
-    workers, forkserver and any compiler a JIT build started in a process group of its own."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:  # after the command: state, ppid, pgrp, session
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            continue
 
 
 def run_child(cmd: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
