@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli
 
-from ovis_data.demo_corpus import build_demo_corpus
-from ovis_data.fetch import serve_directory
 from ovis_data.imagestore import ImageStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +27,6 @@ def validate_counts(root: Path, tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served_corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The demo corpus with its URL datasets' images on a local server (kept up for the module)."""
-    base_dir = tmp_path_factory.mktemp("served")
-    served = base_dir / "served"
-    served.mkdir()
-    with serve_directory(served) as base:
-        yield build_demo_corpus(base_dir / "data", seed=0, url_root=served, base_url=base)
-
-
-@pytest.fixture(scope="module")
 def reference_counts(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """validate's view of the same corpus built with every image in place."""
     return validate_counts(demo_root, tmp_path_factory.mktemp("reference"))
@@ -47,10 +34,10 @@ def reference_counts(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.mark.parametrize("layout", ["files", "shards"])
 def test_fetch_cli_fills_the_store_that_validate_reads(
-    served_corpus: Path, reference_counts: dict, tmp_path: Path, layout: str
+    corpus: Path, reference_counts: dict, tmp_path: Path, layout: str
 ) -> None:
     root = tmp_path / "data"
-    shutil.copytree(served_corpus, root)
+    shutil.copytree(corpus, root)
     report = tmp_path / "fetch.json"
     args = ["fetch", "--root", str(root), "--layout", layout, "--report", str(report), "--shard-size", "32"]
     if layout == "files":
@@ -88,9 +75,9 @@ I2D = Path(os.environ.get("OVIS_IMG2DATASET", REPO / ".bench" / "i2d-venv" / "bi
 
 @pytest.mark.skipif(not I2D.exists(), reason="img2dataset not installed (optional; see README)")
 @pytest.mark.parametrize("layout", ["files", "shards"])
-def test_img2dataset_engine_fills_the_same_store(served_corpus: Path, tmp_path: Path, layout: str) -> None:
+def test_img2dataset_engine_fills_the_same_store(corpus: Path, tmp_path: Path, layout: str) -> None:
     root = tmp_path / "data"
-    shutil.copytree(served_corpus, root)
+    shutil.copytree(corpus, root)
     report = tmp_path / "fetch.json"
     out = run_cli(
         "fetch", "coyo-10m", "--root", str(root), "--engine", "img2dataset", "--layout", layout,
