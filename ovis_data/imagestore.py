@@ -15,6 +15,7 @@ import os
 import posixpath
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +61,7 @@ class ImageStore:
         self._index: pa.Table | None = None
         self._batches: list[pa.RecordBatch] = []
         self._firsts: list[str] = []
+        self._tars: dict[str, BinaryIO] = {}  # open tars of a local shards store, by name
 
     # -- listing ------------------------------------------------------------------------------------
     def listing(self) -> pa.Table:
@@ -149,8 +151,28 @@ class ImageStore:
             paths = self._batches[k].column("image_path")
         if i == len(paths) or paths[i].as_py() != image_path:
             raise FileNotFoundError(f"{image_path!r} not in {self.image_dir / INDEX_NAME}")
-        row = self._batches[k].slice(i, 1).to_pylist()[0]
-        return read_range(self.image_dir / row["tar"], row["offset"], row["size"])
+        batch = self._batches[k]
+        tar, offset, size = (batch.column(c)[i].as_py() for c in ("tar", "offset", "size"))
+        if isinstance(self.image_dir, RemotePath):
+            return _read_range(self.image_dir / tar, offset, size)
+        f = self._tars.get(tar)
+        if f is None:  # tars stay open: an open() per image cost as much as the read (pack reads millions)
+            if len(self._tars) >= _OPEN_TARS:
+                self.close()
+            f = self._tars[tar] = open(self.image_dir / tar, "rb", buffering=0)  # noqa: SIM115 - close()
+        data = os.pread(f.fileno(), size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.image_dir / tar}: {size} bytes at {offset} wanted, {len(data)} there")
+        return data
+
+    def close(self) -> None:
+        """Close the tars read_bytes keeps open."""
+        for f in self._tars.values():
+            f.close()
+        self._tars.clear()
+
+
+_OPEN_TARS = 256  # at most this many open at once per store
 
 
 class _ArrowKeys:

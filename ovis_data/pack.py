@@ -226,7 +226,7 @@ def _release_mappings() -> None:
     _W["readers"].clear()
     stores = _W["stores"]
     for dataset in [d for d in stores if _mapped_index_path(_W["cfg"], d).exists()]:
-        del stores[dataset]
+        stores.pop(dataset).close()
 
 
 def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dict:

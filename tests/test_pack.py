@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,14 @@ from test_templates import by_hand_caption, by_hand_chat
 from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenizer, save
 from test_validate import CONV_ROWS, make_root, write_meta, write_shards
 
+from ovis_data import shards
 from ovis_data.catalog import catalog_path, check_catalog_current
 from ovis_data.errors import OvisDataError
 from ovis_data.imagestore import ImageStore
 from ovis_data.pack import pack_stage
 from ovis_data.recipes import load_recipe
 from ovis_data.registry import load_registry
-from ovis_data.shards import read_records
+from ovis_data.shards import read_records, resize_for_vit
 from ovis_data.tokenize import tokenizer_identity
 from ovis_data.validate import validate_dataset
 
@@ -129,6 +131,35 @@ def test_shards_read_with_plain_webdataset_and_tar(qwen_stage3: Path):
         assert np.array_equal(got["labels.npy"], want.labels)
         assert got["json"]["samples"] == want.meta["samples"]
         assert sum(k.startswith("img_") for k in got) == len(want.images)
+
+
+def test_shard_bytes_are_those_tarfile_writes(qwen_stage3: Path):
+    """The writer builds USTAR headers itself; tarfile, given the same members and fixed fields, writes
+    the very same bytes (so any tar reader reads our shards as it reads tarfile's)."""
+    shard = sorted(qwen_stage3.glob("*.tar"))[0]
+    buf = io.BytesIO()
+    with tarfile.open(shard) as src, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for m in src:
+            info = tarfile.TarInfo(m.name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = m.size, 0, 0o644, 0, 0
+            info.uname = info.gname = ""
+            tf.addfile(info, src.extractfile(m))
+    assert buf.getvalue() == shard.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"), [("RGB", (336, 200)), ("RGB", (200, 336)), ("L", (336, 100)), ("CMYK", (336, 90)),
+                       ("RGB", (500, 300)), ("RGB", (336, 336))],  # fmt: skip
+)
+def test_resize_for_vit_reads_headers_as_pil_does(mode: str, size: tuple[int, int], monkeypatch):
+    """The simplejpeg header path passes through exactly the JPEGs PIL's path passes through."""
+    buf = io.BytesIO()
+    Image.new(mode, size, 90).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    fast = resize_for_vit(data, 336)
+    monkeypatch.setattr(shards, "simplejpeg", None)
+    assert fast == resize_for_vit(data, 336)
+    assert (fast[0] is data) == (mode == "RGB" and max(size) == 336)
 
 
 def test_same_bytes_whatever_the_number_of_processes(qwen_stage3: Path, root: Path, tmp_path: Path):
