@@ -178,7 +178,7 @@ def validate_and_pack(root: Path, out: Path, stage: int, processes: int) -> dict
     """What users run: `ovis-data validate --stage N` then `ovis-data pack --stage N` (defaults)."""
     from ovis_data.pack import pack_stage
     from ovis_data.registry import load_registry
-    from ovis_data.validate import validate_dataset
+    from ovis_data.validate.dataset import validate_dataset
 
     stage_dir = out / f"stage{stage}"
     timing = out / f"stage{stage}.timing.json"  # how long it took when built, for a reused corpus

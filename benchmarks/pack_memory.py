@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 from pack_corpus import captions, qwen_path
 from PIL import Image
 
-from ovis_data.catalog import CATALOG_SCHEMA, catalog_path
 from ovis_data.pack import pack_stage
+from ovis_data.validate.catalog import CATALOG_SCHEMA, catalog_path
 
 
 def build(root: Path, n: int) -> None:

@@ -9,7 +9,7 @@ The work is validate's meta-only pass, both ways, on each file:
 3. every image path of a good sample, with the unsafe-path rules, joined against the image listing
    (one directory walk, `ImageStore.listing()`, the same Arrow table for both): absent -> missing_image;
    a sample takes the reason of its first bad image.
-DuckDB runs the project's own code (`metafile.load_meta`, `validate._mark_duplicates`, `_mark_paths`,
+DuckDB runs the project's own code (`metafile.load_meta`, `dataset._mark_duplicates`, `_mark_paths`,
 `_fold_images_into_samples`, under validate's connection and memory limit). Polars runs the same rules
 written as polars does best: the JSON list read whole (polars has no lazy reader for a JSON list), the
 JSON-lines caption file scanned lazily, every step a lazy query collected with the streaming engine.
@@ -84,13 +84,13 @@ def make_captions(root: Path, samples: int, files: int) -> None:
 
 # -- DuckDB: the project's own code ------------------------------------------------------------------------
 def run_duckdb(spec, root: Path, listing) -> dict:
-    from ovis_data.metafile import load_meta
-    from ovis_data.validate import (
+    from ovis_data.validate.dataset import (
         _fold_images_into_samples,
         _mark_duplicates,
         _mark_paths,
         bounded_connection,
     )
+    from ovis_data.validate.metafile import load_meta
 
     class Store:  # _mark_paths' view of an ImageStore, with the listing taken once outside the timing
         image_dir, layout = spec.image_path(root), "files"

@@ -44,9 +44,9 @@ from cpu_load import cpu_seconds  # noqa: E402
 from fetch_vs_img2dataset import BENCH, MAX_SIDE, QUALITY, corpus, start_server, url_list  # noqa: E402
 from pack_corpus import captions, qwen_path  # noqa: E402
 
-from ovis_data.catalog import catalog_path  # noqa: E402
 from ovis_data.fetch import FetchOptions, ImageParams, NetParams, fetch_url_list, open_url_list  # noqa: E402
 from ovis_data.fetch.frames import default_processes  # noqa: E402
+from ovis_data.validate.catalog import catalog_path  # noqa: E402
 
 
 class Load:
@@ -140,7 +140,7 @@ def pack_root(n: int) -> Path:
     import pyarrow as pa
 
     from ovis_data.registry import load_registry
-    from ovis_data.validate import validate_dataset
+    from ovis_data.validate.dataset import validate_dataset
 
     root = BENCH / "ray_overhead" / f"pack_root_n{n}"
     if (root / "done").exists():

@@ -88,7 +88,7 @@ OURS = r"""
 import json, resource, sys, time
 from pathlib import Path
 from ovis_data.registry import load_registry
-from ovis_data.validate import validate_dataset
+from ovis_data.validate.dataset import validate_dataset
 root, info = sys.argv[1:]
 spec = load_registry(info)["bench"]
 t = time.perf_counter()
@@ -135,7 +135,7 @@ def make_images(root: Path, n: int) -> None:
 
 def image_throughput(root: Path, info: Path, n: int) -> None:
     from ovis_data.registry import load_registry
-    from ovis_data.validate import validate_dataset
+    from ovis_data.validate.dataset import validate_dataset
 
     registry = load_registry(info)
     cores = os.cpu_count() or 1

@@ -11,9 +11,9 @@ from .demo_corpus import build_demo_corpus
 from .fetch import FetchOptions, NetParams, fetch_datasets, serve_directory
 from .pack import pack_stage
 from .registry import load_registry
-from .report import summary_table, write_report
 from .tokenize import bundled_qwen_tokenizer_dir
-from .validate import validate_dataset
+from .validate.bad_samples_report import summary_table, write_report
+from .validate.dataset import validate_dataset
 
 # Steps per stage and learning rates: a global batch of 8 samples and high rates make the tiny model's
 # loss fall within seconds on one CPU; the recipes' values (8192 / 1024 samples, 1e-4 / 2e-5) are for

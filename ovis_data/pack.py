@@ -33,7 +33,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from .catalog import catalog_path, check_catalog_current
 from .errors import OvisDataError
 from .imagestore import INDEX_SCHEMA, ImageStore, index_file, is_shard_dir
 from .packing import DEFAULT_BUFFER, pack_lengths
@@ -43,6 +42,7 @@ from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
 from .storage import RemotePath, as_path, is_url, staging_dir
 from .templates import IGNORE_ID, IMAGE_ID, ChatTemplateFormat, detect_chat_format
 from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity, vocab_identity
+from .validate.catalog import catalog_path, check_catalog_current
 
 FORMAT = "ovis-packed-v1"
 PACKS_PER_SHARD = 1000
@@ -337,7 +337,7 @@ def _map_indexes(cfg: PackConfig) -> None:
     saved as an Arrow file that the shard writers memory-map: a 10M-image index is read and sorted once,
     by DuckDB under its memory limit, instead of loaded and sorted in every worker. Rewritten each run
     (the store may have changed); object stores keep load_index in each worker."""
-    from .validate import bounded_connection  # DuckDB: imported by the main process only
+    from .validate.dataset import bounded_connection  # DuckDB: imported by the main process only
 
     for dataset, image_dir in cfg.image_dirs.items():
         if image_dir is None or "://" in image_dir or not is_shard_dir(Path(image_dir)):
@@ -372,7 +372,7 @@ def _ensure_catalogs(recipe: StageRecipe, registry: dict[str, DatasetSpec], root
     for mix in recipe.datasets:
         path = catalog_path(root, mix.name)
         if not path.exists():
-            from .validate import validate_dataset
+            from .validate.dataset import validate_dataset
 
             result = validate_dataset(registry[mix.name], root, processes=processes)
             if result.error:

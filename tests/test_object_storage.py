@@ -24,7 +24,7 @@ from ovis_data.pack import pack_stage  # noqa: E402
 from ovis_data.registry import load_registry  # noqa: E402
 from ovis_data.shards import iter_records  # noqa: E402
 from ovis_data.storage import RemotePath, as_path  # noqa: E402
-from ovis_data.validate import validate_dataset  # noqa: E402
+from ovis_data.validate.dataset import validate_dataset  # noqa: E402
 
 BUCKET = "ovis-test"
 

@@ -96,7 +96,7 @@ def test_validate_and_pack_on_ray_match_a_local_run(cluster: Cluster, corpus: Pa
     from test_templates_tokenizers import qwen_path
 
     from ovis_data.pack import pack_stage
-    from ovis_data.validate import validate_dataset
+    from ovis_data.validate.dataset import validate_dataset
 
     root = _root(corpus, tmp_path / "data")
     opts = FetchOptions(layout="shards", shard_size=64, processes=1, net=NET)

@@ -17,14 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ovis_data.catalog import read_catalog, rejected_path
 from ovis_data.errors import OvisDataError
-from ovis_data.imagecheck import ImageLimits
 from ovis_data.imagestore import ImageStore, build_index
 from ovis_data.registry import load_registry
-from ovis_data.report import write_report
 from ovis_data.templates import clean_caption
-from ovis_data.validate import validate_dataset
+from ovis_data.validate.bad_samples_report import write_report
+from ovis_data.validate.catalog import read_catalog, rejected_path
+from ovis_data.validate.dataset import validate_dataset
+from ovis_data.validate.imagecheck import ImageLimits
 
 
 def jpeg(w: int = 64, h: int = 48, color=(200, 30, 40)) -> bytes:

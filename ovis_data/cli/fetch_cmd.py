@@ -10,7 +10,7 @@ import typer
 
 from ..errors import OvisDataError
 from ..fetch import FetchOptions, ImageParams, NetParams, fetch_datasets, parse_part
-from ..fetch.report import summary_table
+from ..fetch.progress import summary_table
 from ..registry import load_registry, resolve_root
 from .app import app
 from .common import InfoOption, RootOption, console, err_console

@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 
 from ..clikit import ProgressDisplay
-from ..imagecheck import DEFAULT_MAX_PIXELS, ImageLimits
 from ..recipes import select_recipe
 from ..registry import load_registry, resolve_root, select
-from ..report import summary_table, write_report
-from ..validate import validate_dataset
+from ..validate.bad_samples_report import summary_table, write_report
+from ..validate.dataset import validate_dataset
+from ..validate.imagecheck import DEFAULT_MAX_PIXELS, ImageLimits
 from .app import app
 from .common import InfoOption, QuietOption, RecipeOption, RootOption, console
 

@@ -17,7 +17,7 @@ _SOURCES = {
     "ImageParams": "images",
     "NetParams": "net",
     "open_url_list": "reader",
-    "FetchReport": "report",
+    "FetchReport": "progress",
     "serve_app": "serve",
     "serve_directory": "serve",
 }
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from .engine import FetchOptions, fetch_dataset, fetch_datasets, fetch_url_list, parse_part
     from .images import ImageParams
     from .net import NetParams
+    from .progress import FetchReport
     from .reader import open_url_list
-    from .report import FetchReport
     from .serve import serve_app, serve_directory
 
 

@@ -33,8 +33,8 @@ from . import classes as C
 from .fetchers import PROCESSOR, Fetchers
 from .images import ImageParams, Processed
 from .net import NetParams
+from .progress import FetchReport, Monitor
 from .reader import ShardRows, UrlList, open_url_list, part_shards, read_rows, shard_count
-from .report import FetchReport, Monitor
 from .writer import BOOKKEEPING, AtomicFiles, FilesShard, TarShard, done_marker, shard_name, status_dir
 
 LAYOUTS = ("files", "shards")

@@ -32,8 +32,8 @@ from ..registry import DatasetSpec, load_registry
 from . import classes as C
 from .engine import DEFAULT_SHARD_SIZE, FetchOptions, url_spec
 from .frames import default_processes
+from .progress import FetchReport
 from .reader import UrlList, open_url_list
-from .report import FetchReport
 from .writer import BOOKKEEPING, AtomicFiles
 
 ENV_BINARY = "OVIS_IMG2DATASET"

@@ -22,8 +22,8 @@ from rich.console import Console
 from ..errors import OvisDataError
 from ..imagestore import build_index
 from ..storage import AnyPath, RemotePath, staging_dir
+from .progress import FetchReport
 from .reader import UrlList, part_shards, shard_count
-from .report import FetchReport
 
 if TYPE_CHECKING:
     from .engine import FetchOptions

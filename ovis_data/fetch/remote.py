@@ -22,8 +22,8 @@ from rich.console import Console
 from ..imagestore import build_index
 from ..storage import RemotePath, staging_dir
 from . import classes as C
+from .progress import FetchReport
 from .reader import UrlList, part_shards, shard_count
-from .report import FetchReport
 from .writer import BOOKKEEPING, shard_name, status_dir
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from .catalog import rejected_path
-from .validate import DatasetResult
+from .dataset import DatasetResult
 
 
 def write_report(path: Path, results: list[DatasetResult], root: Path, catalog_out: Path | None) -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from .errors import OvisDataError
-from .registry import DatasetSpec
-from .templates import clean_caption
+from ..errors import OvisDataError
+from ..registry import DatasetSpec
+from ..templates import clean_caption
 
 CONVERSATION_COLUMNS = ("id", "image", "conversations")
 CAPTION_COLUMNS = ("id", "image_path", "caption")

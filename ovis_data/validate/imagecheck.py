@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
-from .storage import as_path, read_range
+from ..storage import as_path, read_range
 
 # Pillow's default limit (about 89.5 megapixels): a larger image is treated as a decompression bomb.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -108,7 +108,7 @@ def _check_on_ray(tasks: Iterable[tuple], address: str) -> Iterator[list[Result]
     all submitted); a chunk lost with its node is run again."""
     from collections import deque
 
-    from .fetch.ray_engine import TASK_RETRIES, connect
+    from ..fetch.ray_engine import TASK_RETRIES, connect
 
     ray = connect(address)
     remote = ray.remote(_check_chunk).options(num_cpus=1, max_retries=TASK_RETRIES)

@@ -21,13 +21,13 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import OvisDataError
+from ..imagestore import ImageStore, index_file, load_index
+from ..registry import DatasetSpec
+from ..storage import RemotePath, local_copy
 from .catalog import CATALOG_SCHEMA, catalog_dir, catalog_path, meta_file_identity, rejected_path
-from .errors import OvisDataError
 from .imagecheck import ImageLimits, check_images
-from .imagestore import ImageStore, index_file, load_index
 from .metafile import MetaFileError, load_meta
-from .registry import DatasetSpec
-from .storage import RemotePath, local_copy
 
 MODES = ("meta", "header", "deep")
 MAX_CHUNK = 256  # images per worker task: large enough to amortize IPC, small enough for smooth progress

@@ -16,8 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import OvisDataError
-from .storage import AnyPath, RemotePath, as_path, open_binary
+from ..errors import OvisDataError
+from ..storage import AnyPath, RemotePath, as_path, open_binary
 
 CATALOG_DIR = "catalogs"
 CATALOG_SCHEMA = pa.schema(
