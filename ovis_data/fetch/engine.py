@@ -4,7 +4,7 @@ A shard of rows is the unit of work, of resume and of reporting. Per run:
   plan     which shards of this part are unfinished (or, with retry_failed, which rows failed transiently)
   run      asyncio: a bounded number of rows in flight across at most `shards_in_flight` shards; each row
            is downloaded and processed by one of the worker processes (fetchers.py), then written
-           atomically by this process
+           atomically by this process (runner.py)
   finish   a shard's status parquet, then its _stats.json done-marker; the shards layout then gets its index
 A watchdog ends rows that overrun their deadline and shards where nothing finishes for `stall_s`.
 """
@@ -14,28 +14,27 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 from rich.console import Console
 
 from ..errors import OvisDataError
-from ..imagestore import INDEX_NAME, build_index, is_shard_dir, unsafe_path_reason
+from ..imagestore import INDEX_NAME, build_index, is_shard_dir
 from ..registry import DatasetSpec, load_registry
 from ..storage import AnyPath, RemotePath
 from . import classes as C
 from .fetchers import PROCESSOR, Fetchers
-from .images import ImageParams, Processed
+from .images import ImageParams
 from .net import NetParams
 from .progress import FetchReport, Monitor
-from .reader import ShardRows, UrlList, open_url_list, part_shards, read_rows, shard_count
-from .writer import BOOKKEEPING, AtomicFiles, FilesShard, TarShard, done_marker, shard_name, status_dir
+from .reader import UrlList, open_url_list, part_shards, shard_count
+from .runner import Runner, ShardPlan
+from .writer import BOOKKEEPING, AtomicFiles, done_marker, shard_name, status_dir
 
 LAYOUTS = ("files", "shards")
 DEFAULT_SHARD_SIZE = 10_000
@@ -58,15 +57,6 @@ class FetchOptions:
     durable: bool = True  # fsync a shard's files before its done-marker (survives power loss)
     processor: str = PROCESSOR  # "module:function" with process_image's signature, run in the workers
     ray: str | None = None  # a Ray cluster's address ("auto", "local", host:port): one task per shard
-
-
-@dataclass
-class ShardPlan:
-    shard_id: int
-    start: int
-    stop: int
-    rows: list[int] | None = None  # offsets in the shard to (re)attempt; None: all
-    previous: list[dict[str, Any]] = field(default_factory=list)  # earlier records (retry_failed)
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -165,7 +155,7 @@ def fetch_url_list(
         fetchers = Fetchers(opts.processes, opts.net, opts.image, opts.process_deadline_s, opts.processor)
         try:
             with monitor:
-                runner = _Runner(url_list, image_dir, layout, shard_size, opts, monitor, atomic, fetchers)
+                runner = Runner(url_list, image_dir, layout, shard_size, opts, monitor, atomic, fetchers)
                 runner.on_shard = on_shard
                 asyncio.run(runner.run(plan))
         finally:
@@ -251,190 +241,6 @@ def _plan(
                 continue
         done_before += 1
     return plan, done_before
-
-
-# -- running ------------------------------------------------------------------------------------------
-class _Runner:
-    def __init__(
-        self,
-        url_list: UrlList,
-        image_dir: Path,
-        layout: str,
-        shard_size: int,
-        opts: FetchOptions,
-        monitor: Monitor,
-        atomic: AtomicFiles,
-        fetchers: Fetchers,
-    ) -> None:
-        self.url_list = url_list
-        self.image_dir = image_dir
-        self.layout = layout
-        self.opts = opts
-        self.monitor = monitor
-        self.atomic = atomic
-        self.fetchers = fetchers
-        self.key_width = max(4, len(str(shard_size - 1)))
-        net = opts.net
-        self.row_deadline = opts.row_deadline_s or (
-            (net.retries + 1) * (net.total_timeout + net.backoff_max_s) + net.total_timeout
-        )
-        self.last_progress = time.monotonic()
-        self.finished_shards: list[int] = []
-        self.on_shard: Callable[[int], None] | None = None
-
-    async def run(self, plan: list[ShardPlan]) -> None:
-        if not plan:
-            return
-        self.sem = asyncio.Semaphore(self.opts.net.concurrency)
-        queue = list(reversed(plan))
-
-        async def worker() -> None:
-            while queue:
-                await self.shard(queue.pop())
-
-        await asyncio.gather(*(worker() for _ in range(min(self.opts.shards_in_flight, len(plan)))))
-
-    async def shard(self, p: ShardPlan) -> None:
-        started = time.time()
-        rows = await asyncio.to_thread(read_rows, self.url_list, p.start, p.stop)
-        writer: FilesShard | TarShard
-        if self.layout == "shards":
-            writer = TarShard(self.image_dir, p.shard_id, self.atomic, self.opts.durable)
-            old_tar = self.image_dir / f"{shard_name(p.shard_id)}.tar"
-            if p.rows is not None and old_tar.exists():
-                await asyncio.to_thread(writer.copy_from, old_tar)
-        else:
-            writer = FilesShard(self.image_dir, p.shard_id, self.atomic, self.opts.durable)
-        records = {r["row"]: r for r in p.previous}
-        offsets = p.rows if p.rows is not None else range(len(rows))
-        tasks = {asyncio.create_task(self.row(p.shard_id, rows, i, writer)): i for i in offsets}
-        try:
-            await self._collect(p, rows, tasks, records)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            writer.abort()
-            raise
-        stats = self._stats(p, records, started)
-        await asyncio.to_thread(writer.finish, list(records.values()), stats)
-        if self.on_shard is not None:
-            await asyncio.to_thread(self.on_shard, p.shard_id)
-        self.finished_shards.append(p.shard_id)
-
-    async def _collect(
-        self, p: ShardPlan, rows: ShardRows, tasks: dict[asyncio.Task, int], records: dict[int, dict]
-    ) -> None:
-        # Finished tasks arrive through a queue: asyncio.wait over all pending tasks would cost
-        # O(shard size) per completion, O(n^2) per shard.
-        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
-        for t in tasks:
-            t.add_done_callback(finished.put_nowait)
-        remaining = len(tasks)
-        tick = min(1.0, self.opts.stall_s / 4)
-        while remaining:
-            try:
-                t = await asyncio.wait_for(finished.get(), tick)
-            except TimeoutError:
-                if time.monotonic() - self.last_progress > self.opts.stall_s:
-                    remaining -= await self._end_stuck(p, rows, tasks, records, finished)
-                continue
-            while True:
-                rec = t.result()
-                records[rec["row"]] = rec
-                self.monitor.row(rec["error_class"] or C.SUCCESS)
-                remaining -= 1
-                if finished.empty():
-                    break
-                t = finished.get_nowait()
-            self.last_progress = time.monotonic()
-
-    async def _end_stuck(
-        self,
-        p: ShardPlan,
-        rows: ShardRows,
-        tasks: dict[asyncio.Task, int],
-        records: dict[int, dict],
-        finished: asyncio.Queue[asyncio.Task],
-    ) -> int:
-        """Watchdog: nothing anywhere finished for stall_s; end this shard's stuck rows as `watchdog`."""
-        stuck = [t for t in tasks if not t.done()]
-        for t in stuck:
-            t.remove_done_callback(finished.put_nowait)  # recorded here, not by the collector
-            t.cancel()
-        await asyncio.gather(*stuck, return_exceptions=True)
-        for t in stuck:
-            rec = self._record(p.shard_id, rows, tasks[t])
-            self._fail(rec, C.WATCHDOG, f"no progress for {self.opts.stall_s:.0f}s")
-            records[rec["row"]] = rec
-            self.monitor.row(C.WATCHDOG)
-        self.monitor.warn(f"watchdog ended {len(stuck)} stuck rows of shard {shard_name(p.shard_id)}")
-        self.last_progress = time.monotonic()
-        return len(stuck)
-
-    def _record(self, shard_id: int, rows: ShardRows, i: int) -> dict[str, Any]:
-        path = rows.image_paths[i]
-        return {
-            "row": rows.start + i,
-            "key": f"{shard_name(shard_id)}{i:0{self.key_width}d}",
-            "image_path": None if path is None else str(path),
-            "url": rows.urls[i],
-            "status": "success",
-            "error_class": None,
-            "error_message": None,
-            "attempts": 0,
-        }
-
-    @staticmethod
-    def _fail(rec: dict[str, Any], cls: str, detail: str = "") -> dict[str, Any]:
-        rec.update(status="failed", error_class=cls, error_message=detail or None)
-        return rec
-
-    async def row(
-        self, shard_id: int, rows: ShardRows, i: int, writer: FilesShard | TarShard
-    ) -> dict[str, Any]:
-        rec = self._record(shard_id, rows, i)
-        url, path = rec["url"], rec["image_path"]
-        if not url:
-            return self._fail(rec, C.MISSING_URL)
-        if path is None or unsafe_path_reason(path):
-            return self._fail(rec, C.BAD_PATH, unsafe_path_reason(path or ""))
-        async with self.sem:
-            got = await self.fetchers.fetch(url, rows.sha256[i], self.row_deadline)
-            rec["attempts"] = got.attempts
-            if got.status != C.SUCCESS:
-                return self._fail(rec, got.status, got.detail)
-            out: Processed | None = got.image
-            assert out is not None
-            info = {
-                "sha256": out.sha256,
-                "width": out.width,
-                "height": out.height,
-                "original_width": out.original_width,
-                "original_height": out.original_height,
-                "original_size": out.original_size,
-                "original_sha256": out.original_sha256,
-            }
-            meta = {"key": rec["key"], "image_path": path, "url": url, "final_url": got.final_url, **info}
-            assert out.data is not None
-            writer.add(rec["key"], path, out.ext, out.data, meta)
-            rec.update(info)
-            return rec
-
-    def _stats(self, p: ShardPlan, records: dict[int, dict], started: float) -> dict[str, Any]:
-        failed = Counter(r["error_class"] for r in records.values() if r["error_class"])
-        return {
-            "shard": shard_name(p.shard_id),
-            "rows": [p.start, p.stop],
-            "count": len(records),
-            "successes": len(records) - sum(failed.values()),
-            "failed": dict(sorted(failed.items())),
-            "start_time": started,
-            "end_time": time.time(),
-            "duration": time.time() - started,
-            "engine": "ovis-data",
-            "layout": self.layout,
-            "image": asdict(self.opts.image),
-        }
 
 
 def _report(
