@@ -176,7 +176,7 @@ def build_corpus(root: Path, n_conv: int, n_cap: int, per_dir: int, cap_pool: in
 
 def validate_and_pack(root: Path, out: Path, stage: int, processes: int) -> dict:
     """What users run: `ovis-data validate --stage N` then `ovis-data pack --stage N` (defaults)."""
-    from ovis_data.pack import pack_stage
+    from ovis_data.pack.stage import pack_stage
     from ovis_data.registry import load_registry
     from ovis_data.validate import validate_dataset
 
@@ -774,7 +774,7 @@ def main() -> None:
     if args.build_only:
         return
 
-    from ovis_data.tokenize import load_tokenizer
+    from ovis_data.pack.tokenize import load_tokenizer
 
     tokenizer = load_tokenizer(qwen_path())
     pad = int(tokenizer.pad_token_id)

@@ -23,7 +23,7 @@ from pack_corpus import captions, qwen_path
 from PIL import Image
 
 from ovis_data.catalog import CATALOG_SCHEMA, catalog_path
-from ovis_data.pack import pack_stage
+from ovis_data.pack.stage import pack_stage
 
 
 def build(root: Path, n: int) -> None:

@@ -9,10 +9,10 @@ from rich.console import Console
 
 from .demo_corpus import build_demo_corpus
 from .fetch import FetchOptions, NetParams, fetch_datasets, serve_directory
-from .pack import pack_stage
+from .pack.stage import pack_stage
+from .pack.tokenize import bundled_qwen_tokenizer_dir
 from .registry import load_registry
 from .report import summary_table, write_report
-from .tokenize import bundled_qwen_tokenizer_dir
 from .validate import validate_dataset
 
 # Steps per stage and learning rates: a global batch of 8 samples and high rates make the tiny model's

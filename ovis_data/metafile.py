@@ -23,8 +23,8 @@ import duckdb
 import pyarrow as pa
 
 from .errors import OvisDataError
+from .pack.templates import clean_caption
 from .registry import DatasetSpec
-from .templates import clean_caption
 
 CONVERSATION_COLUMNS = ("id", "image", "conversations")
 CAPTION_COLUMNS = ("id", "image_path", "caption")

@@ -21,9 +21,9 @@ from ovis_data.catalog import read_catalog, rejected_path
 from ovis_data.errors import OvisDataError
 from ovis_data.imagecheck import ImageLimits
 from ovis_data.imagestore import ImageStore, build_index
+from ovis_data.pack.templates import clean_caption
 from ovis_data.registry import load_registry
 from ovis_data.report import write_report
-from ovis_data.templates import clean_caption
 from ovis_data.validate import validate_dataset
 
 

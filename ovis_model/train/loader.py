@@ -5,14 +5,14 @@ follows the epoch plan of `ovis_model.train.plan` (seeded shard order, equal spa
 shuffle, micro-batches by a token budget, the same number of micro-batches on every rank). Each
 DataLoader worker yields the micro-batches t = start + w, start + w + W, ... of its rank, so that the
 DataLoader's round-robin hands them out in plan order. A worker reads the tars sequentially through
-`ovis_data.shards.iter_records`, seeking past records it does not need, decodes and preprocesses images
+`ovis_data.pack.shards.iter_records`, seeking past records it does not need, decodes and preprocesses images
 (the model's image processor) and collates with `collate_packed`.
 
 `TrainLoader` wraps the DataLoader: it runs epoch after epoch, counts what it hands out, and its
 `state_dict()` (epoch and micro-batches consumed, plus what the plan depends on) resumes exactly: a
 resumed run sees the micro-batches an uninterrupted one would have seen next.
 
-Tars are read with plain `tarfile` (ovis_data.shards) rather than the webdataset library: the plan
+Tars are read with plain `tarfile` (ovis_data.pack.shards) rather than the webdataset library: the plan
 needs random skips inside a shard and exact record indices for error messages and resume, which
 webdataset's streaming pipeline does not expose.
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ovis_data.shards import Record, ShardError, iter_records
+from ovis_data.pack.shards import Record, ShardError, iter_records
 from ovis_data.storage import as_path
 
 from ..batching import collate_packed

@@ -33,14 +33,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
-from .catalog import catalog_path, check_catalog_current
-from .errors import OvisDataError
-from .imagestore import INDEX_SCHEMA, ImageStore, index_file, is_shard_dir
+from ..catalog import catalog_path, check_catalog_current
+from ..errors import OvisDataError
+from ..imagestore import INDEX_SCHEMA, ImageStore, index_file, is_shard_dir
+from ..recipes import StageRecipe, load_recipe
+from ..registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
+from ..storage import RemotePath, as_path, is_url, staging_dir
 from .packing import DEFAULT_BUFFER, pack_lengths
-from .recipes import StageRecipe, load_recipe
-from .registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
 from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
-from .storage import RemotePath, as_path, is_url, staging_dir
 from .templates import IGNORE_ID, IMAGE_ID, ChatTemplateFormat, detect_chat_format
 from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity, vocab_identity
 
@@ -337,7 +337,7 @@ def _map_indexes(cfg: PackConfig) -> None:
     saved as an Arrow file that the shard writers memory-map: a 10M-image index is read and sorted once,
     by DuckDB under its memory limit, instead of loaded and sorted in every worker. Rewritten each run
     (the store may have changed); object stores keep load_index in each worker."""
-    from .validate import bounded_connection  # DuckDB: imported by the main process only
+    from ..validate import bounded_connection  # DuckDB: imported by the main process only
 
     for dataset, image_dir in cfg.image_dirs.items():
         if image_dir is None or "://" in image_dir or not is_shard_dir(Path(image_dir)):
@@ -372,7 +372,7 @@ def _ensure_catalogs(recipe: StageRecipe, registry: dict[str, DatasetSpec], root
     for mix in recipe.datasets:
         path = catalog_path(root, mix.name)
         if not path.exists():
-            from .validate import validate_dataset
+            from ..validate import validate_dataset
 
             result = validate_dataset(registry[mix.name], root, processes=processes)
             if result.error:
@@ -450,7 +450,7 @@ def _ray_task(fn: Callable, init: tuple, run: str, *args: Any) -> Any:
 def _run_ray(fn: Callable, tasks: list[tuple], init: tuple, label: str, progress, weights, address: str):
     """Tokenization units and shards as Ray tasks (one CPU each; lost ones retried). The plan stays here,
     and a shard's bytes depend only on its task's inputs: the same shards as a local run."""
-    from .fetch.ray_engine import TASK_RETRIES, connect
+    from ..fetch.ray_engine import TASK_RETRIES, connect
 
     ray = connect(address)
     init_ref = ray.put(init)
