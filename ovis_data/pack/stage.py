@@ -14,306 +14,32 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import shutil
-import uuid
 import zlib
-from collections import Counter, defaultdict
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from numbers import Integral
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tokenizers import Tokenizer
 
 from ..catalog import catalog_path, check_catalog_current
 from ..errors import OvisDataError
-from ..imagestore import INDEX_SCHEMA, ImageStore, index_file, is_shard_dir
+from ..imagestore import INDEX_SCHEMA, index_file, is_shard_dir
 from ..recipes import StageRecipe, load_recipe
 from ..registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
-from ..storage import RemotePath, as_path, is_url, staging_dir
+from ..storage import RemotePath, is_url, staging_dir
+from .dispatch import Progress, _run
+from .manifest import FORMAT, MANIFEST, SHARD_KEYS, _manifest, _manifest_is_current
 from .packing import DEFAULT_BUFFER, pack_lengths
-from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
-from .templates import IGNORE_ID, IMAGE_ID, ChatTemplateFormat, detect_chat_format
-from .tokenize import SampleEncoder, load_tokenizer, tokenizer_identity, vocab_identity
+from .templates import detect_chat_format
+from .tokenize import load_tokenizer, tokenizer_identity, vocab_identity
+from .worker import WORK, PackConfig, PackWorker, Unit, _atomic_json, _mapped_index_path, shard_name
 
-FORMAT = "ovis-packed-v1"
 PACKS_PER_SHARD = 1000
-TOKENIZE_BATCH = 4096
-WORK = ".work"
-MANIFEST = "manifest.json"
-Progress = Callable[[str, int, int], None]  # (phase "tokenize" | "write", samples | records done, total)
-# Per shard in the manifest; the per-record lists let a loader plan micro-batches without opening tars.
-SHARD_KEYS = (
-    "name",
-    "records",
-    "samples",
-    "tokens",
-    "input_ids",
-    "images",
-    "bytes",
-    "sha256",
-    "record_tokens",  # per record, in order: expanded length (visual_tokens per image)
-    "record_supervised",  # per record: supervised targets (labels[1:n] != -100 within each sub-sample)
-)
-
-UNIT_SCHEMA = pa.schema(
-    [
-        ("row", pa.int64()),
-        ("id", pa.string()),
-        ("images", pa.list_(pa.string())),
-        ("ids", pa.list_(pa.int32())),
-        ("sup", pa.list_(pa.uint8())),  # uint8, not bool: numpy reads it without a copy
-        ("n_images", pa.int32()),  # placeholders in the tokens
-        ("n_supervised", pa.int32()),
-        ("error", pa.string()),  # why the template refused the sample, else null
-    ]
-)
-
-
-@dataclass(frozen=True)
-class PackConfig:
-    """Everything a worker needs, picklable."""
-
-    stage: int
-    root: str
-    out: str  # OUT/stageN
-    tokenizer_path: str
-    chat_format: str | None  # qwen | llama3 | gemma | chat_template; None for caption-only stages
-    capacity: int
-    visual_tokens: int
-    image_size: int
-    max_images: int
-    seed: int
-    image_dirs: dict  # dataset -> image_dir (None: text only)
-    packs_per_shard: int
-    buffer_size: int
-    # OUT/stageN as an object-store URL: work files and each shard are written in `out` (a local staging
-    # folder), then every finished shard is put there, its stats after it; None: `out` is the folder
-    publish: str | None = None
-
-
-@dataclass(frozen=True)
-class Unit:
-    dataset: str
-    data_format: str
-    catalog: str
-    row_group: int
-    caption_template: str | None
-    path: str  # the unit's Arrow file
-
-
-# -- worker state (one per process) -------------------------------------------------------------------
-_W: dict[str, Any] = {}
-
-
-def _init_worker(cfg: PackConfig, backend_json: str, units: list[Unit] | None, bases: np.ndarray | None):
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes are the parallelism here
-    _W.clear()
-    _W.update(cfg=cfg, backend_json=backend_json, units=units, bases=bases, readers={}, stores={})
-
-
-def _encoder() -> SampleEncoder:
-    if "encoder" not in _W:
-        cfg: PackConfig = _W["cfg"]
-        if cfg.chat_format == "chat_template":  # needs the Hugging Face tokenizer's template engine
-            tok = load_tokenizer(cfg.tokenizer_path)
-            _W["encoder"] = SampleEncoder(tok, ChatTemplateFormat(tok))
-        else:
-            backend = Tokenizer.from_str(_W["backend_json"])
-            from .templates import FIXED_FORMATS
-
-            _W["encoder"] = SampleEncoder(backend, FIXED_FORMATS.get(cfg.chat_format or ""))
-    return _W["encoder"]
-
-
-# -- phase 1: tokenize ---------------------------------------------------------------------------------
-def _tokenize_unit(unit: Unit) -> str:
-    enc = _encoder()
-    pf = pq.ParquetFile(unit.catalog)
-    cols = (
-        ["row", "id", "images", "caption"]
-        if unit.data_format == "caption"
-        else ["row", "id", "images", "roles", "texts"]
-    )
-    tmp = Path(unit.path + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, UNIT_SCHEMA) as writer:
-        for batch in pf.iter_batches(batch_size=TOKENIZE_BATCH, row_groups=[unit.row_group], columns=cols):
-            if unit.data_format == "caption":
-                e = enc.encode_captions(batch.column("caption").to_pylist(), unit.caption_template)
-            else:
-                roles = [r or [] for r in batch.column("roles").to_pylist()]
-                texts = [t or [] for t in batch.column("texts").to_pylist()]
-                e = enc.encode_conversations(roles, texts)
-            offsets = pa.array(e.offsets.astype(np.int32))
-            images = batch.column("images")
-            if images.null_count:
-                images = pa.array([x or [] for x in images.to_pylist()], pa.list_(pa.string()))
-            writer.write_batch(
-                pa.record_batch(
-                    [
-                        batch.column("row"),
-                        batch.column("id"),
-                        images,
-                        pa.ListArray.from_arrays(offsets, pa.array(e.ids)),
-                        pa.ListArray.from_arrays(offsets, pa.array(e.supervised.view(np.uint8))),
-                        pa.array(e.n_images.astype(np.int32)),
-                        pa.array(e.n_supervised.astype(np.int32)),
-                        pa.array([e.errors.get(i) for i in range(len(e))], pa.string()),
-                    ],
-                    schema=UNIT_SCHEMA,
-                )
-            )
-    os.replace(tmp, unit.path)
-    return unit.path
-
-
-class _UnitReader:
-    """Random access to one unit's samples through a memory map (no copy of the tokens)."""
-
-    def __init__(self, path: str):
-        self.table = pa.ipc.open_file(pa.memory_map(path)).read_all()
-        self.batches = []
-        starts = [0]
-        for b in self.table.to_batches():
-            ids, sup = b.column("ids"), b.column("sup")
-            self.batches.append(
-                (b, ids.offsets.to_numpy(), ids.values.to_numpy(), sup.values.to_numpy().view(np.bool_))
-            )
-            starts.append(starts[-1] + b.num_rows)
-        self.starts = np.asarray(starts)
-
-    def sample(self, i: int) -> tuple[dict, np.ndarray, np.ndarray]:
-        k = int(np.searchsorted(self.starts, i, "right")) - 1
-        b, offsets, values, sup = self.batches[k]
-        j = i - int(self.starts[k])
-        a, z = offsets[j], offsets[j + 1]
-        meta = {
-            "row": b.column("row")[j].as_py(),
-            "id": b.column("id")[j].as_py(),
-            "images": b.column("images")[j].as_py() or [],
-        }
-        return meta, values[a:z], sup[a:z]
-
-
-# -- phase 3: write shards -----------------------------------------------------------------------------
-def shard_name(stage: int, index: int) -> str:
-    return f"stage{stage}-{index:05d}.tar"
-
-
-def _store(dataset: str) -> ImageStore | None:
-    stores = _W["stores"]
-    if dataset not in stores:
-        image_dir = _W["cfg"].image_dirs[dataset]
-        stores[dataset] = ImageStore(as_path(image_dir)) if image_dir is not None else None
-        mapped = _mapped_index_path(_W["cfg"], dataset)
-        if stores[dataset] is not None and stores[dataset].layout == "shards" and mapped.exists():
-            stores[dataset].map_index(mapped)
-    return stores[dataset]
-
-
-def _release_mappings() -> None:
-    """Let go of the memory maps one shard touched (units' tokens, mapped indexes): a shard reads its
-    samples from all over them, so kept, they would bring every page of them into this process's
-    resident memory, 10M samples' worth; mapped again for the next shard, they cost a few milliseconds."""
-    _W["readers"].clear()
-    stores = _W["stores"]
-    for dataset in [d for d in stores if _mapped_index_path(_W["cfg"], d).exists()]:
-        stores.pop(dataset).close()
-
-
-def _write_shard(index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dict:
-    cfg: PackConfig = _W["cfg"]
-    units: list[Unit] = _W["units"]
-    bases: np.ndarray = _W["bases"]
-    readers: dict[int, _UnitReader] = _W["readers"]
-    name = shard_name(cfg.stage, index)
-    writer = ShardWriter(Path(cfg.out) / name)
-    stats: dict[str, Any] = {"name": name, "records": 0, "samples": 0, "tokens": 0, "input_ids": 0}
-    stats.update(images=0, datasets=Counter(), record_tokens=[], record_supervised=[])
-    stats["dropped"] = defaultdict(Counter)  # dataset -> reason -> samples
-    try:
-        pos = 0
-        for p, size in enumerate(pack_sizes.tolist()):
-            ids_parts, sup_parts, lengths, jpgs, prov = [], [], [], [], []
-            for g in samples[pos : pos + size].tolist():
-                u = int(np.searchsorted(bases, g, "right")) - 1
-                if u not in readers:
-                    readers[u] = _UnitReader(units[u].path)
-                meta, ids, sup = readers[u].sample(g - int(bases[u]))
-                dataset = units[u].dataset
-                store = _store(dataset) if meta["images"] else None
-                try:
-                    sample_jpgs = [
-                        resize_for_vit(store.read_bytes(x), cfg.image_size)[0] for x in meta["images"]
-                    ]
-                except Exception:  # gone or broken since validation: drop the sample, keep the pack
-                    stats["dropped"][dataset]["image_unreadable"] += 1
-                    continue
-                ids_parts.append(ids)
-                sup_parts.append(sup)
-                lengths.append(len(ids))
-                jpgs += sample_jpgs
-                prov.append({"dataset": dataset, "row": meta["row"], "id": meta["id"]})
-                stats["datasets"][dataset] += 1
-            pos += size
-            if not prov:
-                continue
-            input_ids = np.concatenate(ids_parts).astype(np.int32)
-            labels = np.where(np.concatenate(sup_parts), input_ids, np.int32(IGNORE_ID)).astype(np.int32)
-            tokens = len(input_ids) + (cfg.visual_tokens - 1) * len(jpgs)
-            lengths_arr = np.asarray(lengths, dtype=np.int32)
-            record = Record(
-                key=f"{index:05d}_{p:05d}",
-                input_ids=input_ids,
-                labels=labels,
-                lengths=lengths_arr,
-                images=jpgs,
-                meta={"samples": prov, "tokens": tokens, "images": len(jpgs)},
-            )
-            writer.write(record)
-            stats["records"] += 1
-            stats["samples"] += len(prov)
-            stats["tokens"] += tokens
-            stats["input_ids"] += len(input_ids)
-            stats["images"] += len(jpgs)
-            stats["record_tokens"].append(int(tokens))
-            stats["record_supervised"].append(supervised_targets(labels, lengths_arr))
-        stats["datasets"] = dict(sorted(stats["datasets"].items()))
-        stats["dropped"] = {d: dict(sorted(c.items())) for d, c in sorted(stats["dropped"].items())}
-        stats["sha256"], stats["bytes"] = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        _release_mappings()
-    if cfg.publish is not None:  # object storage: the whole tar in one PUT, then its stats beside it
-        remote = as_path(cfg.publish)
-        (remote / name).put_file(writer.path)
-        writer.path.unlink()
-        (remote / WORK / "shards" / f"{index:05d}.json").write_text(_json_text(stats))
-    # Written after the rename: a shard is done when its tar and its stats (with the sha256) are there.
-    _atomic_json(Path(cfg.out) / WORK / "shards" / f"{index:05d}.json", stats)
-    return stats
-
-
-# -- orchestration ------------------------------------------------------------------------------------
-def _json_text(obj: Any) -> str:
-    return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_json_text(obj), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _pull_state(remote: RemotePath, local: Path) -> None:
@@ -326,10 +52,6 @@ def _pull_state(remote: RemotePath, local: Path) -> None:
         if path.exists():
             rel = path.url[len(remote.url) + 1 :]
             path.get_file(local / rel)
-
-
-def _mapped_index_path(cfg: PackConfig, dataset: str) -> Path:
-    return Path(cfg.out) / WORK / "tok" / "index" / f"{dataset}.arrow"  # removed with tok/ when done
 
 
 def _map_indexes(cfg: PackConfig) -> None:
@@ -387,87 +109,6 @@ def _ensure_catalogs(recipe: StageRecipe, registry: dict[str, DatasetSpec], root
             path = local
         paths[mix.name] = path
     return paths
-
-
-def _run(
-    fn: Callable,
-    tasks: list[tuple],
-    processes: int,
-    init: tuple,
-    label: str,
-    progress: Progress | None,
-    weights: list[int],
-    ray: str | None = None,
-):
-    """Run fn(*task) for every task, in this process, a pool or (ray: an address) as Ray tasks; results in
-    completion order. Progress counts what the tasks hold (`weights`: samples to tokenize, records to
-    write), not the tasks."""
-    if ray is not None:
-        return _run_ray(fn, tasks, init, label, progress, weights, ray)
-    results = []
-    total, done = sum(weights), 0
-    if progress:
-        progress(label, 0, total)
-    if processes <= 1 or len(tasks) <= 1:
-        saved, env = dict(_W), os.environ.get("TOKENIZERS_PARALLELISM")
-        _init_worker(*init)
-        # In this process the tokenizer may use every core (as the user's environment allows).
-        if env is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = env
-        try:
-            for t, w in zip(tasks, weights, strict=True):
-                results.append(fn(*t))
-                done += w
-                if progress:
-                    progress(label, done, total)
-        finally:
-            _W.clear()
-            _W.update(saved)
-        return results
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
-        futures = {pool.submit(fn, *t): w for t, w in zip(tasks, weights, strict=True)}
-        for fut in as_completed(futures):
-            results.append(fut.result())
-            done += futures[fut]
-            if progress:
-                progress(label, done, total)
-    return results
-
-
-def _ray_task(fn: Callable, init: tuple, run: str, *args: Any) -> Any:
-    """One pack task in a Ray worker: the worker state is set up once per pack run (`run`: a token unique
-    to it, so a second run with the same settings in a long-lived worker never reuses the first one's
-    memory maps of work files), as a pool's initializer does, then kept for the tasks that follow."""
-    if _W.get("ray_run") != run:
-        _init_worker(*init)
-        _W["ray_run"] = run
-    return fn(*args)
-
-
-def _run_ray(fn: Callable, tasks: list[tuple], init: tuple, label: str, progress, weights, address: str):
-    """Tokenization units and shards as Ray tasks (one CPU each; lost ones retried). The plan stays here,
-    and a shard's bytes depend only on its task's inputs: the same shards as a local run."""
-    from ..fetch.ray_engine import TASK_RETRIES, connect
-
-    ray = connect(address)
-    init_ref = ray.put(init)
-    remote = ray.remote(_ray_task).options(num_cpus=1, max_retries=TASK_RETRIES)
-    run = uuid.uuid4().hex
-    futures = {remote.remote(fn, init_ref, run, *t): w for t, w in zip(tasks, weights, strict=True)}
-    total, done, results = sum(weights), 0, []
-    if progress:
-        progress(label, 0, total)
-    pending = list(futures)
-    while pending:
-        finished, pending = ray.wait(pending, num_returns=1)
-        results.append(ray.get(finished[0]))
-        done += futures[finished[0]]
-        if progress:
-            progress(label, done, total)
-    return results
 
 
 def _drop_reasons(
@@ -639,7 +280,7 @@ def pack_stage(
     todo = [(u,) for u in units if not Path(u.path).exists()]
     rows = [pq.ParquetFile(u.catalog).metadata.row_group(u.row_group).num_rows for (u,) in todo]
     tok_init = (cfg, backend_json, None, None)
-    _run(_tokenize_unit, todo, processes, tok_init, "tokenize", progress, rows, ray=ray)
+    _run(PackWorker.tokenize_unit, todo, processes, tok_init, "tokenize", progress, rows, ray=ray)
 
     # Phase 2: drop by reason, apply the mixture, pack.
     tables = [pa.ipc.open_file(pa.memory_map(u.path)).read_all() for u in units]
@@ -693,7 +334,7 @@ def pack_stage(
     done_stats = {}
     for s in range(n_shards):
         stats_path = out_dir / WORK / "shards" / f"{s:05d}.json"
-        # (with object storage the local stats exist only once the tar is there: see _write_shard)
+        # (with object storage the local stats exist only once the tar is there: see PackWorker.write_shard)
         if (remote_out is not None or (out_dir / shard_name(cfg.stage, s)).exists()) and stats_path.exists():
             st = json.loads(stats_path.read_text(encoding="utf-8"))
             # else not finished, or stats of an older version (drops not yet counted per dataset)
@@ -704,7 +345,7 @@ def pack_stage(
         tasks.append((s, sizes[p0:p1], samples[packing.offsets[p0] : packing.offsets[p1]]))
     init = (cfg, backend_json, units, bases)
     weights = [len(t[1]) for t in tasks]
-    for st in _run(_write_shard, tasks, processes, init, "write", progress, weights, ray=ray):
+    for st in _run(PackWorker.write_shard, tasks, processes, init, "write", progress, weights, ray=ray):
         done_stats[int(st["name"][-9:-4])] = st
     shards = [done_stats[s] for s in range(n_shards)]
 
@@ -714,59 +355,3 @@ def pack_stage(
         (remote_out / MANIFEST).put_file(manifest_path)
     shutil.rmtree(out_dir / WORK / "tok", ignore_errors=True)
     return manifest
-
-
-def _manifest_is_current(manifest: dict) -> bool:
-    return "vocab_sha256" in manifest.get("tokenizer", {}) and all(
-        all(k in st for k in SHARD_KEYS) for st in manifest.get("shards", [])
-    )
-
-
-def _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards) -> dict:
-    """Per dataset (sorted by name): catalog, kept, weight, selected = packed + dropped (by reason)."""
-    packed: Counter = Counter()
-    late: dict[str, Counter] = defaultdict(Counter)
-    for st in shards:
-        packed.update(st["datasets"])
-        for name, reasons in st["dropped"].items():
-            late[name].update(reasons)
-    dropped: Counter = Counter()
-    datasets = dict(sorted(datasets.items()))
-    for name, d in datasets.items():
-        d["dropped"] = dict(sorted((Counter(d["dropped"]) + late[name]).items()))
-        d["packed"] = int(packed.get(name, 0))
-        dropped.update(d["dropped"])
-        if d["packed"] + sum(d["dropped"].values()) != d["selected"]:  # a sample lost without a reason
-            raise OvisDataError(
-                f"{name}: {d['selected']} selected but {d['packed']} packed and "
-                f"{sum(d['dropped'].values())} dropped: please report this"
-            )
-    records = sum(st["records"] for st in shards)
-    tokens = sum(st["tokens"] for st in shards)
-    return {
-        "format": FORMAT,
-        "stage": cfg.stage,
-        "recipe": str(recipe.path.name),
-        "tokenizer": {
-            "name": identity["name"],
-            "sha256": identity["sha256"],
-            "vocab_sha256": identity["vocab_sha256"],
-            "path": cfg.tokenizer_path,
-        },
-        "template": {"chat": cfg.chat_format, "captions": caption_templates},
-        "capacity": cfg.capacity,
-        "visual_tokens_per_image": cfg.visual_tokens,
-        "image_size": cfg.image_size,
-        "max_images_per_pack": cfg.max_images,
-        "image_token_id": IMAGE_ID,
-        "ignore_id": IGNORE_ID,
-        "seed": cfg.seed,
-        "inputs_sha256": inputs_sha,
-        "shards": [{k: st[k] for k in SHARD_KEYS} for st in shards],
-        "datasets": datasets,
-        "dropped": dict(sorted(dropped.items())),
-        "records": records,
-        "samples": sum(st["samples"] for st in shards),
-        "tokens": tokens,
-        "fill": tokens / (records * cfg.capacity) if records else 0.0,
-    }

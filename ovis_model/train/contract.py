@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ovis_data.pack.stage import FORMAT
+from ovis_data.pack.manifest import FORMAT
 from ovis_data.pack.tokenize import vocab_identity
 
 
