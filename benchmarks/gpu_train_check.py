@@ -443,7 +443,7 @@ def packed_run(
 
 def packed_step_flops(work: Path, shapes: dict, nv: int, records: list[dict], n_steps: int, ga: int) -> list:
     """(tokens, FLOPs) of each step of the trainer's stream: its epoch plan, micro-batch after micro-batch."""
-    from ovis_model.train.loader import PackedStage
+    from ovis_model.train.dataset import PackedStage
 
     ds = PackedStage(
         work / "packed" / "stage3",

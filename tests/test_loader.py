@@ -15,7 +15,8 @@ from ovis_data.pack.shards import Record, ShardWriter
 from ovis_model.batching import batch_to, count_targets, expand_image_placeholders
 from ovis_model.preprocess import OvisImageProcessor
 from ovis_model.tiny import random_packed_record
-from ovis_model.train.loader import PackedStage, TrainLoader
+from ovis_model.train.dataset import PackedStage
+from ovis_model.train.loader import TrainLoader
 from ovis_model.train.wire import SHARED, SLOT, SlotRing
 
 VISUAL_TOKENS = 6

@@ -128,7 +128,8 @@ def test_trainer_loader_streams_a_stage_from_s3(s3: dict, tmp_path: Path) -> Non
 
     from test_loader import PROCESSOR, VISUAL_TOKENS, write_stage
 
-    from ovis_model.train.loader import PackedStage, TrainLoader
+    from ovis_model.train.dataset import PackedStage
+    from ovis_model.train.loader import TrainLoader
 
     local = write_stage(tmp_path / "stage3")
     remote = RemotePath(f"s3://{BUCKET}/loader/stage3")
