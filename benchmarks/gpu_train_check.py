@@ -246,7 +246,7 @@ class Flops:
 # -- 2. data -----------------------------------------------------------------------------------------------
 def build_packed(work: Path, model_dir: Path, shapes: dict, nv: int, repeat: int) -> dict:
     from ovis_data.demo_corpus import build_demo_corpus
-    from ovis_data.pack import pack_stage
+    from ovis_data.pack.stage import pack_stage
     from ovis_data.recipes import load_recipe
     from ovis_data.registry import load_registry
 
@@ -279,7 +279,7 @@ def read_records(data_dir: Path, nv: int, flops: Flops) -> list[dict]:
     """Every packed record in manifest order (the loader's flat record ids), with its sub-samples' stats."""
     import numpy as np
 
-    from ovis_data.shards import iter_records
+    from ovis_data.pack.shards import iter_records
     from ovis_model.batching import count_targets, expand_image_placeholders
     from ovis_model.constants import IMAGE_TOKEN_ID
 
@@ -443,7 +443,7 @@ def packed_run(
 
 def packed_step_flops(work: Path, shapes: dict, nv: int, records: list[dict], n_steps: int, ga: int) -> list:
     """(tokens, FLOPs) of each step of the trainer's stream: its epoch plan, micro-batch after micro-batch."""
-    from ovis_model.train.loader import PackedStage
+    from ovis_model.train.dataset import PackedStage
 
     ds = PackedStage(
         work / "packed" / "stage3",

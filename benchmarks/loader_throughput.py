@@ -80,7 +80,8 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ovis_model.preprocess import OvisImageProcessor
-from ovis_model.train.loader import PackedStage, TrainLoader
+from ovis_model.train.dataset import PackedStage
+from ovis_model.train.loader import TrainLoader
 
 IMAGE_SIZE = 336
 BATCH = 8  # the original's per-device batch
@@ -176,7 +177,7 @@ def build_corpus(root: Path, n_conv: int, n_cap: int, per_dir: int, cap_pool: in
 
 def validate_and_pack(root: Path, out: Path, stage: int, processes: int) -> dict:
     """What users run: `ovis-data validate --stage N` then `ovis-data pack --stage N` (defaults)."""
-    from ovis_data.pack import pack_stage
+    from ovis_data.pack.stage import pack_stage
     from ovis_data.registry import load_registry
     from ovis_data.validate.dataset import validate_dataset
 
@@ -476,9 +477,12 @@ def read_ahead(ds: PackedStage, n_workers: int) -> dict:
 # -- the code measured ------------------------------------------------------------------------------------
 # What the timed paths run (the shards are built once and reused, so pack is not among them).
 CODE = (
-    *(f"ovis_model/{m}.py" for m in ("train/loader", "train/plan", "batching", "preprocess")),
+    *(
+        f"ovis_model/{m}.py"
+        for m in ("train/loader", "train/dataset", "train/plan", "batching", "preprocess")
+    ),
     *(f"ovis_model/{m}.py" for m in ("attention", "constants")),
-    *(f"ovis_data/{m}.py" for m in ("shards", "templates", "tokenize")),
+    *(f"ovis_data/pack/{m}.py" for m in ("shards", "templates", "tokenize")),
     *(f"benchmarks/{m}.py" for m in ("loader_throughput", "pack_corpus", "pack_throughput")),
 )
 
@@ -774,7 +778,7 @@ def main() -> None:
     if args.build_only:
         return
 
-    from ovis_data.tokenize import load_tokenizer
+    from ovis_data.pack.tokenize import load_tokenizer
 
     tokenizer = load_tokenizer(qwen_path())
     pad = int(tokenizer.pad_token_id)

@@ -8,8 +8,8 @@ import random
 import numpy as np
 
 from ovis_data import demo_corpus
+from ovis_data.pack.tokenize import bundled_qwen_tokenizer_dir
 from ovis_data.registry import load_registry
-from ovis_data.tokenize import bundled_qwen_tokenizer_dir
 
 VISUAL_TOKENS = 578
 

@@ -30,9 +30,9 @@ import numpy as np
 from lp_bound import configuration_lp_bound
 from pack_corpus import VISUAL_TOKENS, llava665k_lengths, qwen_path, stage3_conversations
 
-from ovis_data.packing import best_fit_decreasing, pack_lengths
-from ovis_data.templates import detect_chat_format
-from ovis_data.tokenize import SampleEncoder, load_tokenizer
+from ovis_data.pack.packing import best_fit_decreasing, pack_lengths
+from ovis_data.pack.templates import detect_chat_format
+from ovis_data.pack.tokenize import SampleEncoder, load_tokenizer
 
 
 def padded_batches_fill(lengths: np.ndarray, batch: int = 8, seed: int = 0) -> float:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pack_corpus import captions, qwen_path
 from PIL import Image
 
-from ovis_data.pack import pack_stage
+from ovis_data.pack.stage import pack_stage
 from ovis_data.validate.catalog import CATALOG_SCHEMA, catalog_path
 
 

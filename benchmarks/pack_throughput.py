@@ -26,9 +26,9 @@ import torch
 from pack_corpus import VISUAL_TOKENS, captions, qwen_path, stage3_conversations
 from tokenizers import Tokenizer
 
-from ovis_data.packing import best_fit_decreasing, pack_lengths
-from ovis_data.templates import detect_chat_format
-from ovis_data.tokenize import SampleEncoder, load_tokenizer
+from ovis_data.pack.packing import best_fit_decreasing, pack_lengths
+from ovis_data.pack.templates import detect_chat_format
+from ovis_data.pack.tokenize import SampleEncoder, load_tokenizer
 
 IGNORE_ID, IMAGE_ID, IMAGE_MARK = -100, -200, "<image>"
 BATCH = 4096

@@ -198,7 +198,7 @@ def pack_once(
     (the cluster's start and shutdown aside), its phases, manifest."""
     import ray as ray_mod
 
-    from ovis_data.pack import pack_stage
+    from ovis_data.pack.stage import pack_stage
 
     shutil.rmtree(out, ignore_errors=True)
     start_s = 0.0

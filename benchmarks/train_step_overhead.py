@@ -87,7 +87,7 @@ def setup(work: Path) -> dict:
     from test_templates_tokenizers import llama3_tokenizer, save
 
     from ovis_data.demo_corpus import build_demo_corpus
-    from ovis_data.pack import pack_stage
+    from ovis_data.pack.stage import pack_stage
     from ovis_model.modeling import Ovis
     from ovis_model.preprocess import CLIP_MEAN, CLIP_STD, OvisImageProcessor
     from ovis_model.tiny import tiny_llm_config, tiny_vit_config

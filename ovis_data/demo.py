@@ -9,9 +9,9 @@ from rich.console import Console
 
 from .demo_corpus import build_demo_corpus
 from .fetch import FetchOptions, NetParams, fetch_datasets, serve_directory
-from .pack import pack_stage
+from .pack.stage import pack_stage
+from .pack.tokenize import bundled_qwen_tokenizer_dir
 from .registry import load_registry
-from .tokenize import bundled_qwen_tokenizer_dir
 from .validate.bad_samples_report import summary_table, write_report
 from .validate.dataset import validate_dataset
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovis_data.shards import supervised_targets
+from ovis_data.pack.shards import supervised_targets
 
 from .attention import cu_seqlens_from_lengths
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID
@@ -58,7 +58,7 @@ def expand_image_placeholders(
 
 def count_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
     """Supervised targets after the shift: label t+1 of the same sub-sample is not -100 (the rule pack
-    also counts per record into the manifest: one definition, in ovis_data.shards)."""
+    also counts per record into the manifest: one definition, in ovis_data.pack.shards)."""
     return supervised_targets(labels, lengths)
 
 

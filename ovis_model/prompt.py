@@ -1,6 +1,6 @@
 """Generation prompts for `chat`, rendered by the very chat formats the pack stage trains with.
 
-One source of truth: `ovis_data.templates` renders the turns and `ovis_data.tokenize` tokenizes them
+One source of truth: `ovis_data.pack.templates` renders the turns and `ovis_data.pack.tokenize` tokenizes them
 (each turn on its own, split at `<image>`, one `-200` per image), exactly as packed samples were.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from ovis_data.errors import OvisDataError
-from ovis_data.templates import FIXED_FORMATS, ChatFormat, ChatTemplateFormat, Turn, detect_chat_format
-from ovis_data.tokenize import SampleEncoder
+from ovis_data.pack.templates import FIXED_FORMATS, ChatFormat, ChatTemplateFormat, Turn, detect_chat_format
+from ovis_data.pack.tokenize import SampleEncoder
 
 FORMATS: dict[str, ChatFormat] = FIXED_FORMATS
 

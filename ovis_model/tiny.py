@@ -19,7 +19,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from ovis_data.tokenize import bundled_qwen_tokenizer_dir
+from ovis_data.pack.tokenize import bundled_qwen_tokenizer_dir
 
 from .configuration import OvisConfig, VisualTokenizerConfig
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID

@@ -10,9 +10,9 @@ import tiktoken
 from test_templates_tokenizers import llama3_tokenizer
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-from ovis_data import fastbpe
-from ovis_data.fastbpe import tiktoken_twin
-from ovis_data.tokenize import bundled_qwen_tokenizer_dir, load_tokenizer
+from ovis_data.pack import fastbpe
+from ovis_data.pack.fastbpe import tiktoken_twin
+from ovis_data.pack.tokenize import bundled_qwen_tokenizer_dir, load_tokenizer
 
 ALPHABETS = [
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",

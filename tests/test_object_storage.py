@@ -20,9 +20,9 @@ moto_server = pytest.importorskip("moto.server")
 
 from ovis_data.fetch import FetchOptions, NetParams, fetch_datasets  # noqa: E402
 from ovis_data.imagestore import load_index  # noqa: E402
-from ovis_data.pack import pack_stage  # noqa: E402
+from ovis_data.pack.shards import iter_records  # noqa: E402
+from ovis_data.pack.stage import pack_stage  # noqa: E402
 from ovis_data.registry import load_registry  # noqa: E402
-from ovis_data.shards import iter_records  # noqa: E402
 from ovis_data.storage import RemotePath, as_path  # noqa: E402
 from ovis_data.validate.dataset import validate_dataset  # noqa: E402
 
@@ -128,7 +128,8 @@ def test_trainer_loader_streams_a_stage_from_s3(s3: dict, tmp_path: Path) -> Non
 
     from test_loader import PROCESSOR, VISUAL_TOKENS, write_stage
 
-    from ovis_model.train.loader import PackedStage, TrainLoader
+    from ovis_model.train.dataset import PackedStage
+    from ovis_model.train.loader import TrainLoader
 
     local = write_stage(tmp_path / "stage3")
     remote = RemotePath(f"s3://{BUCKET}/loader/stage3")

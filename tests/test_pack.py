@@ -22,14 +22,14 @@ from test_templates import by_hand_caption, by_hand_chat
 from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenizer, save
 from test_validate import CONV_ROWS, make_root, write_meta, write_shards
 
-from ovis_data import shards
 from ovis_data.errors import OvisDataError
 from ovis_data.imagestore import ImageStore
-from ovis_data.pack import pack_stage
+from ovis_data.pack import shards
+from ovis_data.pack.shards import read_records, resize_for_vit
+from ovis_data.pack.stage import pack_stage
+from ovis_data.pack.tokenize import tokenizer_identity
 from ovis_data.recipes import load_recipe
 from ovis_data.registry import load_registry
-from ovis_data.shards import read_records, resize_for_vit
-from ovis_data.tokenize import tokenizer_identity
 from ovis_data.validate.catalog import catalog_path, check_catalog_current
 from ovis_data.validate.dataset import validate_dataset
 

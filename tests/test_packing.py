@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ovis_data.packing import best_fit_decreasing, item_values, pack_lengths
+from ovis_data.pack.packing import best_fit_decreasing, item_values, pack_lengths
 
 PACKERS = [best_fit_decreasing, pack_lengths]
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from ovis_data.templates import detect_chat_format
-from ovis_data.tokenize import SampleEncoder, bundled_qwen_tokenizer_dir
+from ovis_data.pack.templates import detect_chat_format
+from ovis_data.pack.tokenize import SampleEncoder, bundled_qwen_tokenizer_dir
 from ovis_model.prompt import detect_template, generation_prompt
 
 

@@ -95,7 +95,7 @@ def test_validate_and_pack_on_ray_match_a_local_run(cluster: Cluster, corpus: Pa
     from test_pack import _recipe
     from test_templates_tokenizers import qwen_path
 
-    from ovis_data.pack import pack_stage
+    from ovis_data.pack.stage import pack_stage
     from ovis_data.validate.dataset import validate_dataset
 
     root = _root(corpus, tmp_path / "data")

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ovis_data.errors import OvisDataError
-from ovis_data.templates import GEMMA, LLAMA3, QWEN, ChatTemplateFormat, detect_chat_format
-from ovis_data.tokenize import SampleEncoder
+from ovis_data.pack.templates import GEMMA, LLAMA3, QWEN, ChatTemplateFormat, detect_chat_format
+from ovis_data.pack.tokenize import SampleEncoder
 from ovis_model.prompt import detect_template, generation_prompt, stop_ids
 
 LONG = " ".join(f"step {i}: the model reads the image, then answers; " for i in range(600))

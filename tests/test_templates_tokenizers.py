@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ovis_data.tokenize import bundled_qwen_tokenizer_dir
+from ovis_data.pack.tokenize import bundled_qwen_tokenizer_dir
 
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",

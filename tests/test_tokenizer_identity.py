@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from ovis_data.tokenize import bundled_qwen_tokenizer_dir, tokenizer_identity, vocab_identity
+from ovis_data.pack.tokenize import bundled_qwen_tokenizer_dir, tokenizer_identity, vocab_identity
 
 
 def test_vocab_hash_survives_save_pretrained_and_sees_an_added_token(tmp_path: Path):

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from test_templates_tokenizers import llama3_tokenizer, save
 
-from ovis_data.pack import pack_stage
+from ovis_data.pack.stage import pack_stage
 from ovis_model.tiny import write_tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from PIL import Image
 
 from ovis_data.errors import OvisDataError
 from ovis_data.imagestore import ImageStore, build_index
+from ovis_data.pack.templates import clean_caption
 from ovis_data.registry import load_registry
-from ovis_data.templates import clean_caption
 from ovis_data.validate.bad_samples_report import write_report
 from ovis_data.validate.catalog import read_catalog, rejected_path
 from ovis_data.validate.dataset import validate_dataset

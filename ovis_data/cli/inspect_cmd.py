@@ -1,4 +1,4 @@
-"""`ovis-data inspect`: argument parsing only; the work is in ovis_data.inspect."""
+"""`ovis-data inspect`: argument parsing only; the work is in ovis_data.pack.inspect."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..inspect import inspect_record, render_rich
+from ..pack.inspect import inspect_record, render_rich
 from .app import app
 from .common import console
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..clikit import ProgressDisplay
-from ..pack import PACKS_PER_SHARD, pack_stage
+from ..pack.stage import PACKS_PER_SHARD, pack_stage
 from ..recipes import select_recipe
 from ..storage import as_path
 from .app import app

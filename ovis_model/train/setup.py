@@ -20,7 +20,8 @@ from ovis_data.storage import AnyPath, as_path
 from ..trainable import select_trainable, visual_sync_mode
 from .config import ConfigError, StepPlan, TrainConfig, deepspeed_config, plan_steps
 from .contract import ContractError, check_manifest
-from .loader import PackedStage, TrainLoader, read_manifest
+from .dataset import PackedStage, read_manifest
+from .loader import TrainLoader
 
 if TYPE_CHECKING:
     from ..modeling import Ovis

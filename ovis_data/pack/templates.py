@@ -2,7 +2,7 @@
 
 A template turns one sample into *turns*: strings that are each tokenized on their own (split only at
 `<image>`), with the supervised span of a turn given as a prefix whose token count is where labels start.
-Tokenization itself lives in `ovis_data.tokenize`; this module only renders text.
+Tokenization itself lives in `ovis_data.pack.tokenize`; this module only renders text.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .constants import DEFAULT_CAPTION_TEMPLATE, IGNORE_ID, IMAGE_ID, IMAGE_MARK
-from .errors import OvisDataError
+from ..constants import DEFAULT_CAPTION_TEMPLATE, IGNORE_ID, IMAGE_ID, IMAGE_MARK
+from ..errors import OvisDataError
 
 __all__ = ["DEFAULT_CAPTION_TEMPLATE", "IGNORE_ID", "IMAGE_ID", "IMAGE_MARK"]  # re-exported for callers
 CHAT_FORMATS = ("qwen", "llama3", "gemma", "chat_template")

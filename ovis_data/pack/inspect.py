@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import OvisDataError
+from ..errors import OvisDataError
 from .shards import Record, ShardError, read_records
 from .templates import IGNORE_ID, IMAGE_ID
 from .tokenize import load_tokenizer

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
-from .errors import OvisDataError
+from ..errors import OvisDataError
 from .fastbpe import tiktoken_twin
 from .templates import (
     DEFAULT_CAPTION_TEMPLATE,

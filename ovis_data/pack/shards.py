@@ -22,8 +22,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
-from .constants import IGNORE_ID, vit_resized_size
-from .storage import RemotePath, open_binary
+from ..constants import IGNORE_ID, vit_resized_size
+from ..storage import RemotePath, open_binary
 
 try:  # reads a JPEG's size and colour space without PIL's per-file parsing (a tenth of the time)
     import simplejpeg
