@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .arrowmap import MappedArrow
 from .storage import AnyPath, RemotePath, open_binary, read_parquet, write_parquet
 from .storage import read_range as _read_range
 
@@ -61,6 +62,7 @@ class ImageStore:
         self._index: pa.Table | None = None
         self._batches: list[pa.RecordBatch] = []
         self._firsts: list[str] = []
+        self._mapped: MappedArrow | None = None  # the index, when map_index gave it
         self._tars: dict[str, BinaryIO] = {}  # open tars of a local shards store, by name
 
     # -- listing ------------------------------------------------------------------------------------
@@ -126,7 +128,13 @@ class ImageStore:
         """Look images up in `path`, this store's index sorted as load_index sorts it and saved as an
         Arrow file, memory-mapped: its pages are the kernel's cache, shared by every process that reads,
         and let go with this store (pack's workers map it per shard), not a copy loaded by each."""
-        self._use_index(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+        self._mapped = MappedArrow(path)
+        self._use_index(self._mapped.table)
+
+    def trim(self) -> None:
+        """Let go of the mapped index pages this process has touched (see arrowmap)."""
+        if self._mapped is not None:
+            self._mapped.trim()
 
     def _use_index(self, table: pa.Table) -> None:
         # Searched batch by batch: the first path of each, then a bisection inside one batch (a

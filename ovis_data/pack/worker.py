@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer
 
+from ..arrowmap import MappedArrow
 from ..imagestore import ImageStore
 from ..storage import as_path
 from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
@@ -23,6 +24,7 @@ from .tokenize import SampleEncoder, load_tokenizer
 
 TOKENIZE_BATCH = 4096
 WORK = ".work"
+TRIM_EVERY_PACKS = 50  # a worker's mapped pages let go this often: ~300 captions' reads, some 100 MB
 
 UNIT_SCHEMA = pa.schema(
     [
@@ -93,7 +95,8 @@ class _UnitReader:
     """Random access to one unit's samples through a memory map (no copy of the tokens)."""
 
     def __init__(self, path: str):
-        self.table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        self._map = MappedArrow(path)
+        self.table = self._map.table
         self.batches = []
         starts = [0]
         for b in self.table.to_batches():
@@ -115,6 +118,9 @@ class _UnitReader:
             "images": b.column("images")[j].as_py() or [],
         }
         return meta, values[a:z], sup[a:z]
+
+    def trim(self) -> None:
+        self._map.trim()
 
 
 class PackWorker:
@@ -208,6 +214,15 @@ class PackWorker:
         for dataset in [d for d in stores if _mapped_index_path(self.cfg, d).exists()]:
             stores.pop(dataset).close()
 
+    def _trim_mappings(self) -> None:
+        """Let go of the mapped pages read so far (see arrowmap), keeping the maps: random reads map 64 KiB
+        around each touch, so a whole shard's reads would hold ~1 GB per worker at 10M samples."""
+        for reader in self.readers.values():
+            reader.trim()
+        for store in self.stores.values():
+            if store is not None:
+                store.trim()
+
     def write_shard(self, index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dict:
         cfg, units, bases, readers = self.cfg, self.units, self.bases, self.readers
         name = shard_name(cfg.stage, index)
@@ -219,6 +234,8 @@ class PackWorker:
             pos = 0
             for p, size in enumerate(pack_sizes.tolist()):
                 ids_parts, sup_parts, lengths, jpgs, prov = [], [], [], [], []
+                if p and p % TRIM_EVERY_PACKS == 0:
+                    self._trim_mappings()
                 for g in samples[pos : pos + size].tolist():
                     u = int(np.searchsorted(bases, g, "right")) - 1
                     if u not in readers:
