@@ -124,9 +124,11 @@ def build(root: Path, rows: int) -> None:
 _META_SCHEMA = pa.schema([("id", pa.string()), ("image_path", pa.string()), ("caption", pa.string())])
 
 
-def measure(cmd: list[str], env: dict, limit: float | None = None) -> tuple[float, float, int, str]:
-    """(peak RSS of the process tree in MiB, wall seconds, exit status, last output line). Past `limit`
-    seconds the tree is stopped: exit status -9, the figures those of a partial run."""
+def measure(cmd: list[str], env: dict, limit: float | None = None) -> tuple[float, float, int, str, float]:
+    """(peak RSS of the process tree in MiB, wall seconds, exit status, last output line, CPU seconds of
+    the tree). Past `limit` seconds the tree is stopped: exit status -9, the figures those of a partial
+    run. CPU seconds (user + system, every process's last reading) say how the work grows with rows
+    when other jobs share the cores and stretch the wall time."""
     t = time.perf_counter()
     # cwd: `python -m` puts it first on sys.path, so it decides which ovis_data runs
     proc = subprocess.Popen(
@@ -134,6 +136,7 @@ def measure(cmd: list[str], env: dict, limit: float | None = None) -> tuple[floa
     )
     ps = psutil.Process(proc.pid)
     peak = 0
+    cpu: dict[int, float] = {}
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
     reader.start()
@@ -146,6 +149,8 @@ def measure(cmd: list[str], env: dict, limit: float | None = None) -> tuple[floa
         for p in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 total += p.memory_info().rss
+                times = p.cpu_times()
+                cpu[p.pid] = times.user + times.system
         peak = max(peak, total)
         if limit is not None and time.perf_counter() - t > limit:
             for p in reversed(tree):
@@ -158,7 +163,7 @@ def measure(cmd: list[str], env: dict, limit: float | None = None) -> tuple[floa
     last = next((line.strip() for line in reversed(out) if line.strip()), "")
     if proc.returncode not in (0, 1):
         print("".join(out[-30:]), file=sys.stderr)
-    return peak / 2**20, dt, proc.returncode, last
+    return peak / 2**20, dt, proc.returncode, last, sum(cpu.values())
 
 
 def command(run: str, root: Path, info_path: Path, out: Path) -> list[str]:
@@ -204,17 +209,20 @@ def main() -> None:
             out.mkdir(parents=True)
             if run == "pack" and not (root / "catalogs" / "coyo-10m.parquet").exists():
                 measure(command("validate-meta", root, info_path, out), env)
-            rss, dt, rc, last = measure(command(run, root, info_path, out), env, args.limit)
-            figures[run][rows] = (rss, dt, rc)
-            print(f"  {run:16s} {rows:>11,} rows: peak {rss:7,.0f} MiB, {dt:7.1f} s, exit {rc} [{last[:60]}]")
+            rss, dt, rc, last, cpu = measure(command(run, root, info_path, out), env, args.limit)
+            figures[run][rows] = (rss, dt, rc, cpu)
+            print(
+                f"  {run:16s} {rows:>11,} rows: peak {rss:7,.0f} MiB, {dt:7.1f} s, {cpu:7.1f} CPU-s, "
+                f"exit {rc} [{last[:60]}]"
+            )
             sys.stdout.flush()
             shutil.rmtree(out, ignore_errors=True)
     sizes = args.rows
-    head = "| run | " + " | ".join(f"{n:,} rows: peak RSS, time" for n in sizes) + " |"
+    head = "| run | " + " | ".join(f"{n:,} rows: peak RSS, time, CPU" for n in sizes) + " |"
     print("\n" + head + "\n|---|" + "---|" * len(sizes))
     for run in runs:
         cells = [
-            f"{figures[run][n][0]:,.0f} MiB, {figures[run][n][1]:,.1f} s"
+            f"{figures[run][n][0]:,.0f} MiB, {figures[run][n][1]:,.1f} s, {figures[run][n][3]:,.0f} CPU-s"
             + (" (stopped: partial run)" if figures[run][n][2] == -9 else "")
             if n in figures[run]
             else "-"
