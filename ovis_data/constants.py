@@ -5,7 +5,7 @@ from __future__ import annotations
 IGNORE_ID = -100  # label of an unsupervised position (PyTorch's cross-entropy ignore_index)
 IMAGE_ID = -200  # token id of one image's placeholder in packed ids (the model expands it)
 IMAGE_MARK = "<image>"  # where an image goes in a sample's text
-DEFAULT_CAPTION_TEMPLATE = "<image>'s caption: "  # a caption sample's prompt, as the original trained
+DEFAULT_CAPTION_TEMPLATE = f"{IMAGE_MARK}'s caption: "  # a caption sample's prompt, as the original trained
 
 
 def vit_resized_size(width: int, height: int, side: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from .constants import IMAGE_MARK
 from .registry import DatasetSpec, load_registry
 
 OBJECTS = [
@@ -131,7 +132,7 @@ def _conversation(rng: random.Random, n_images: int, turns: int, system: bool, l
         q = rng.choice(QUESTIONS)
         if t == 0 and n_images:
             where = rng.choice(["start", "end", "middle"])
-            marks = "\n".join(["<image>"] * n_images)
+            marks = "\n".join([IMAGE_MARK] * n_images)
             q = {"start": f"{marks}\n{q}", "end": f"{q}\n{marks}", "middle": f"Look: {marks} {q}"}[where]
         conv.append({"from": "human", "value": q})
         conv.append({"from": "gpt", "value": _answer(rng, long and t == turns - 1)})
@@ -193,7 +194,7 @@ def _break(spec: DatasetSpec, rows: list[dict], root: Path) -> None:
     elif name == "laion-description-11k":
         rows[1]["conversations"][-1]["from"] = "assistant"
     elif name == "textvqa-train-35k":
-        rows[1]["conversations"][0]["value"] = rows[1]["conversations"][0]["value"].replace("<image>", "")
+        rows[1]["conversations"][0]["value"] = rows[1]["conversations"][0]["value"].replace(IMAGE_MARK, "")
     elif name == "geo-177k":
         rows[1]["image"] = "../llava_finetune/part0/llava_finetune_00000.jpg"
     elif name == "q-instruct-198k":
@@ -222,7 +223,7 @@ def build_demo_corpus(
             names = [_image_name(rng, spec.image_dir, i) for i in range(n)]
             for nm in names[:-3]:
                 writer.image(spec, nm)  # the last three are never online: fetch and validate count them
-            captions = [_sentence(rng) + ("" if i % 9 else " <image> watermark") for i in range(n)]
+            captions = [_sentence(rng) + ("" if i % 9 else f" {IMAGE_MARK} watermark") for i in range(n)]
             captions[4] = "   "
             pq.write_table(
                 pa.table(

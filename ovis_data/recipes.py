@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import IMAGE_MARK
 from .errors import OvisDataError
 from .registry import DatasetSpec, recipe_registry
 from .resources import resource_path
@@ -119,8 +120,8 @@ def _mix(path: Path, i: int, d: object, registry: dict[str, DatasetSpec]) -> Dat
     if template is not None:
         if registry[name].data_format != "caption":
             raise _fail(path, f"{where}: caption_template only applies to caption datasets")
-        if not isinstance(template, str) or template.count("<image>") != 1:
-            raise _fail(path, f"{where}: caption_template must contain exactly one '<image>'")
+        if not isinstance(template, str) or template.count(IMAGE_MARK) != 1:
+            raise _fail(path, f"{where}: caption_template must contain exactly one '{IMAGE_MARK}'")
     return DatasetMix(name, float(weight), template)
 
 

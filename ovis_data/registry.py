@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import DEFAULT_CAPTION_TEMPLATE
+from .constants import DEFAULT_CAPTION_TEMPLATE, IMAGE_MARK
 from .errors import OvisDataError
 from .resources import resource_path
 from .storage import AnyPath, as_path, is_url
@@ -72,8 +72,8 @@ def _parse_entry(source: Path, name: str, raw: object) -> DatasetSpec:
     template = raw.get("caption_template")
     if fmt == "caption":
         template = DEFAULT_CAPTION_TEMPLATE if template is None else template
-        if not isinstance(template, str) or template.count("<image>") != 1:
-            raise _entry_error(source, name, "caption_template must contain exactly one '<image>'")
+        if not isinstance(template, str) or template.count(IMAGE_MARK) != 1:
+            raise _entry_error(source, name, f"caption_template must contain exactly one '{IMAGE_MARK}'")
     elif template is not None:
         raise _entry_error(source, name, "caption_template only applies to caption datasets")
     url_source = None

@@ -29,7 +29,7 @@ from ovis_data.pack.shards import Record, ShardError, iter_records
 from ovis_data.storage import as_path
 
 from ..batching import collate_packed
-from ..constants import IGNORE_INDEX
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from ..preprocess import OvisImageProcessor, decode_rgb
 from .plan import DEFAULT_WINDOW, RankPlan, ShardTable, epoch_plan
 from .wire import SlotRing, slot_bytes, to_shared
@@ -216,7 +216,7 @@ class PackedStage(IterableDataset):
     def _decode(self, path: Path, index: int, rec: Record) -> dict:
         """The record as the collator takes it; images stay JPEG bytes until their micro-batch is built
         (a record can wait in the window's buffer: decoded pixels would be ~8x its bytes)."""
-        n_images = int(np.count_nonzero(rec.input_ids == -200))
+        n_images = int(np.count_nonzero(rec.input_ids == IMAGE_TOKEN_ID))
         if n_images != len(rec.images):
             raise ShardError(path, index, f"{n_images} image placeholders but {len(rec.images)} images")
         return {
