@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also append the figures to this file")
     ap.add_argument("--limit", type=float, default=None, help="stop a run after this many seconds")
     args = ap.parse_args()
+    args.work = args.work.resolve()  # the runs' working directory is --src: paths must not be relative
     runs = [r for r in args.runs.split(",") if r]
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:
