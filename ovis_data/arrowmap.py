@@ -25,5 +25,7 @@ class MappedArrow:
         self.table: pa.Table = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._map))).read_all()
 
     def trim(self) -> None:
-        """Let go of the pages this process has mapped (they stay cached; reading maps them again)."""
-        self._map.madvise(mmap.MADV_DONTNEED)
+        """Let go of the pages this process has mapped (they stay cached; reading maps them again). A
+        no-op where the platform has no madvise (the pages then stay mapped until the map is dropped)."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
