@@ -162,7 +162,7 @@ class ImageStore:
         batch = self._batches[k]
         tar, offset, size = (batch.column(c)[i].as_py() for c in ("tar", "offset", "size"))
         if isinstance(self.image_dir, RemotePath):
-            return _read_range(self.image_dir / tar, offset, size)
+            return read_range(self.image_dir / tar, offset, size)
         f = self._tars.get(tar)
         if f is None:  # tars stay open: an open() per image cost as much as the read (pack reads millions)
             if len(self._tars) >= _OPEN_TARS:
@@ -170,7 +170,8 @@ class ImageStore:
             f = self._tars[tar] = open(self.image_dir / tar, "rb", buffering=0)  # noqa: SIM115 - close()
         data = os.pread(f.fileno(), size, offset)
         if len(data) != size:
-            raise OSError(f"{self.image_dir / tar}: {size} bytes at {offset} wanted, {len(data)} there")
+            where = self.image_dir / tar
+            raise OSError(f"{where}: short read at offset {offset} ({len(data)} of {size} bytes)")
         return data
 
     def close(self) -> None:
