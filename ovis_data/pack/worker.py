@@ -24,7 +24,7 @@ from .tokenize import SampleEncoder, load_tokenizer
 
 TOKENIZE_BATCH = 4096
 WORK = ".work"
-TRIM_EVERY_PACKS = 50  # a worker's mapped pages let go this often: ~300 captions' reads, some 100 MB
+TRIM_EVERY_PACKS = 50  # mapped pages let go this often (10M captions: a worker then peaks at ~600 MiB RSS)
 
 UNIT_SCHEMA = pa.schema(
     [
