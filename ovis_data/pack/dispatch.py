@@ -45,7 +45,6 @@ def _run(
     """Run fn(worker, *task) (fn: a `PackWorker` method) for every task, in this process, a pool or (ray:
     an address) as Ray tasks; results in completion order. Progress counts what the tasks hold (`weights`:
     samples to tokenize, records to write), not the tasks."""
-    global _worker
     if ray is not None:
         return _run_ray(fn, tasks, init, label, progress, weights, ray)
     results = []
@@ -53,21 +52,14 @@ def _run(
     if progress:
         progress(label, 0, total)
     if processes <= 1 or len(tasks) <= 1:
-        saved, env = _worker, os.environ.get("TOKENIZERS_PARALLELISM")
-        _init_worker(*init)
-        # In this process the tokenizer may use every core (as the user's environment allows).
-        if env is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = env
-        try:
-            for t, w in zip(tasks, weights, strict=True):
-                results.append(fn(_worker, *t))
-                done += w
-                if progress:
-                    progress(label, done, total)
-        finally:
-            _worker = saved
+        # In this process: a worker of its own, and the tokenizer may use every core (as the user's
+        # environment allows: TOKENIZERS_PARALLELISM is left as it is).
+        worker = PackWorker(*init)
+        for t, w in zip(tasks, weights, strict=True):
+            results.append(fn(worker, *t))
+            done += w
+            if progress:
+                progress(label, done, total)
         return results
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
