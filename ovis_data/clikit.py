@@ -10,9 +10,11 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -112,6 +114,89 @@ def polish(cmd: click.Command) -> click.Command:
     for sub in getattr(cmd, "commands", {}).values():
         polish(sub)
     return cmd
+
+
+# -- paths ------------------------------------------------------------------------------------------------
+# One rule for every command's path options, applied before any work starts: a folder where a file is
+# expected (or the reverse), or an output that cannot be created, is a usage error naming the option and
+# the path, never a traceback minutes later. Object-store URLs (s3://...) are left to the storage layer.
+
+
+def _bad(option: str, path: object, reason: str) -> typer.BadParameter:
+    return typer.BadParameter(f"{path}: {reason}", param_hint=option)
+
+
+def _is_url(path: object) -> bool:
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def expect_file(path: str | os.PathLike | None, option: str) -> None:
+    """An input file: it must exist and not be a folder."""
+    if path is None or _is_url(path):
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise _bad(option, path, "a folder, not a file")
+    if not p.exists():
+        raise _bad(option, path, "no such file")
+
+
+def expect_dir(path: str | os.PathLike | None, option: str) -> None:
+    """An input folder: it must exist and be a folder (a packed shard names the folder to pass instead)."""
+    if path is None or _is_url(path):
+        return
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".tar":
+        raise _bad(option, path, f"a shard; pass its folder ({p.parent})")
+    if p.exists() and not p.is_dir():
+        raise _bad(option, path, "a file, not a folder")
+    if not p.exists():
+        raise _bad(option, path, "no such folder")
+
+
+def _writable_dir(option: str, path: object, folder: Path) -> None:
+    """`folder` (an existing folder) accepts new entries: probed by making and removing one, the only test
+    that also holds for root, read-only mounts and /proc."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ovis-probe-", dir=folder))
+    except OSError as e:
+        raise _bad(option, path, f"cannot write in {folder} ({e.strerror or e})") from None
+
+
+def _creatable(option: str, shown: object, folder: Path) -> None:
+    """`folder` can take new entries: it is a writable folder, or its nearest existing parent is one."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise _bad(option, shown, f"{folder} is a file, not a folder")
+        _writable_dir(option, shown, folder)
+        return
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise _bad(option, shown, f"cannot be created: {parent} is a file")
+    _writable_dir(option, shown, parent)
+
+
+def expect_dir_or_creatable(path: str | os.PathLike | None, option: str) -> None:
+    """An output folder: an existing, writable folder, or one that can be created. Creates nothing."""
+    if path is None or _is_url(path):
+        return
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise _bad(option, path, "a file, not a folder")
+    _creatable(option, path, p)
+
+
+def expect_file_or_creatable(path: str | os.PathLike | None, option: str) -> None:
+    """An output file: not a folder, and its folder exists writable or can be created. Creates nothing."""
+    if path is None or _is_url(path):
+        return
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise _bad(option, path, "a folder, not a file name")
+    _creatable(option, path, p.parent)
 
 
 # -- running ------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..clikit import expect_file, expect_file_or_creatable
 from ..errors import OvisDataError
 from ..fetch import FetchOptions, ImageParams, NetParams, fetch_datasets, parse_part
 from ..fetch.progress import summary_table
@@ -76,6 +77,8 @@ def fetch(
     Example:
         ovis-data fetch coyo-10m --root /data/ovis --layout shards --report coyo.json
     """
+    expect_file(dataset_info, "--dataset-info")
+    expect_file_or_creatable(report, "--report")
     if engine not in ENGINES:
         raise OvisDataError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
     if layout is not None and layout not in ("files", "shards"):

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..clikit import expect_file
 from ..inventory import inventory
 from ..recipes import describe_recipe, select_recipe
 from ..registry import ROOT_ENV, load_registry, resolve_root
@@ -35,6 +36,8 @@ def list_datasets(
         ovis-data list --stage 3
         ovis-data list --recipe my_recipe.toml --dataset-info my_info.json --root /data/mine
     """
+    expect_file(dataset_info, "--dataset-info")
+    expect_file(recipe, "--recipe")
     base = resolve_root(root) if (root is not None or os.environ.get(ROOT_ENV)) else None
     if stage is not None or recipe is not None:
         _show_recipe(stage, recipe, dataset_info, base)
