@@ -20,7 +20,9 @@ from typing import Any, NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.table import Table
 from rich.text import Text
 
 try:  # typer >= 0.22 vendors click; older releases use click itself
@@ -209,22 +211,55 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def run(app: typer.Typer, prog: str, errors: tuple[type[BaseException], ...]) -> NoReturn:
+INTERRUPTED = "interrupted; re-run the same command to continue"
+
+
+def interrupted(message: str = INTERRUPTED) -> NoReturn:
+    """Ctrl-C: one line (no traceback, no `error:`: nothing is wrong) and exit status 130 (128 + SIGINT)."""
+    Console(stderr=True, soft_wrap=True).print(message, highlight=False)
+    sys.exit(130)
+
+
+def run(
+    app: typer.Typer,
+    prog: str,
+    errors: tuple[type[BaseException], ...],
+    on_interrupt: str = INTERRUPTED,
+) -> NoReturn:
     """Run a typer app as `prog`: exit 2 with one line for usage errors and for `errors` (the library's
-    configuration errors), never a traceback for them."""
+    configuration errors), never a traceback for them; Ctrl-C says `on_interrupt` and exits 130."""
     cmd = polish(typer.main.get_command(app))
     try:
         rv = cmd.main(prog_name=prog, standalone_mode=False)
+        if rv == 130:  # typer's own answer to a KeyboardInterrupt (no command returns 130)
+            interrupted(on_interrupt)
     except click.exceptions.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else prog
         fail(f"{e.format_message()} (see {where} --help)", e.exit_code)
     except click.exceptions.ClickException as e:
         fail(e.format_message(), e.exit_code)
-    except typer.Abort:
-        fail("interrupted", 130)
+    except (typer.Abort, KeyboardInterrupt):
+        interrupted(on_interrupt)
     except errors as e:
         fail(str(e))
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# -- tables -------------------------------------------------------------------------------------------------
+
+
+def print_table(console: Console, table: Table) -> None:
+    """A table whose first column (a dataset name, a path) is never cut: on a terminal it folds rather than
+    ends in an ellipsis, and the other columns wrap first; in a pipe or a file every line is as wide as its
+    content needs (no terminal width to fit, and `grep NAME` finds whole names)."""
+    if table.columns:
+        table.columns[0].no_wrap, table.columns[0].overflow = True, "fold"
+    if console.is_terminal:
+        console.print(table)
+        return
+    wide = Console(file=console.file, width=1 << 16, color_system=None, soft_wrap=False)
+    width = Measurement.get(wide, wide.options, table).maximum
+    Console(file=console.file, width=width, color_system=None).print(table)
 
 
 # -- progress -----------------------------------------------------------------------------------------

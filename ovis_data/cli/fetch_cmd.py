@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..clikit import expect_file, expect_file_or_creatable
+from ..clikit import expect_file, expect_file_or_creatable, print_table
 from ..errors import OvisDataError
 from ..fetch import FetchOptions, ImageParams, NetParams, fetch_datasets, parse_part
 from ..fetch.progress import summary_table
@@ -113,7 +113,7 @@ def fetch(
     else:
         reports = fetch_datasets(names, base, options, registry, err_console)
     for r in reports:
-        console.print(summary_table(r))
+        print_table(console, summary_table(r))
     if report is not None:
         payload = reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports]
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from ..clikit import ProgressDisplay, expect_dir_or_creatable, expect_file, expect_file_or_creatable
+from ..clikit import (
+    ProgressDisplay,
+    expect_dir_or_creatable,
+    expect_file,
+    expect_file_or_creatable,
+    print_table,
+)
 from ..recipes import no_shipped_recipe, select_recipe
 from ..registry import load_registry, resolve_root, select
 from ..validate.bad_samples_report import summary_table, write_report
@@ -103,7 +109,7 @@ def validate(
                     spec, base, mode, limits, processes, catalog_dir, progress=on_images, ray=ray
                 )
             )
-    console.print(summary_table(results))
+    print_table(console, summary_table(results))
     if report:
         write_report(report, results, base, catalog_dir)
         console.print(f"report written to {report}")

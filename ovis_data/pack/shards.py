@@ -326,4 +326,3 @@ def supervised_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[np.asarray(lengths) > 0]
     mask[starts] = False
     return int(mask.sum())
-

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 
 from ..arrowmap import MappedArrow
 from ..imagestore import ImageStore
+from ..interrupt import removed_on_failure
 from ..storage import as_path
 from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
 from .templates import IGNORE_ID, ChatTemplateFormat
@@ -163,7 +164,11 @@ class PackWorker:
             else ["row", "id", "images", "roles", "texts"]
         )
         tmp = Path(unit.path + ".tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, UNIT_SCHEMA) as writer:
+        with (
+            removed_on_failure(tmp),
+            pa.OSFile(str(tmp), "wb") as sink,
+            pa.ipc.new_file(sink, UNIT_SCHEMA) as writer,
+        ):
             for batch in pf.iter_batches(
                 batch_size=TOKENIZE_BATCH, row_groups=[unit.row_group], columns=cols
             ):

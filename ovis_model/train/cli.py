@@ -126,7 +126,7 @@ def train_command(
 
 
 def main() -> NoReturn:
-    run(app, "ovis-train", ())
+    run(app, "ovis-train", (), on_interrupt="interrupted; --resume continues from the last checkpoint")
 
 
 if __name__ == "__main__":
