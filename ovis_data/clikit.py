@@ -8,6 +8,7 @@ hand them `ProgressDisplay.callback`.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 import tempfile
@@ -220,6 +221,22 @@ def interrupted(message: str = INTERRUPTED) -> NoReturn:
     sys.exit(130)
 
 
+class _Drop(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def quiet_dependencies() -> None:
+    """Our commands show our messages: a dependency's notice that says nothing to the user goes.
+    DeepSpeed's "Setting accelerator to CPU" on every import where there is no GPU: ovis-train's start
+    line names the device, and nothing else in these commands depends on DeepSpeed's accelerator."""
+    logging.getLogger("DeepSpeed").addFilter(_Drop("Setting accelerator to CPU"))
+
+
 def run(
     app: typer.Typer,
     prog: str,
@@ -229,6 +246,7 @@ def run(
     """Run a typer app as `prog`: exit 2 with one line for usage errors and for `errors` (the library's
     configuration errors), never a traceback for them; Ctrl-C says `on_interrupt` and exits 130."""
     cmd = polish(typer.main.get_command(app))
+    quiet_dependencies()
     try:
         rv = cmd.main(prog_name=prog, standalone_mode=False)
         if rv == 130:  # typer's own answer to a KeyboardInterrupt (no command returns 130)

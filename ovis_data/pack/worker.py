@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from tokenizers import Tokenizer
 
 from ..arrowmap import MappedArrow
@@ -252,8 +253,9 @@ class PackWorker:
                         sample_jpgs = [
                             resize_for_vit(store.read_bytes(x), cfg.image_size)[0] for x in meta["images"]
                         ]
-                    except Exception:  # gone or broken since validation: drop the sample, keep the pack
-                        stats["dropped"][dataset]["image_unreadable"] += 1
+                    except Exception as e:  # gone or broken since validation: drop the sample, keep the pack
+                        bomb = isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning)
+                        stats["dropped"][dataset]["decompression_bomb" if bomb else "image_unreadable"] += 1
                         continue
                     ids_parts.append(ids)
                     sup_parts.append(sup)
