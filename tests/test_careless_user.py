@@ -181,6 +181,35 @@ def test_own_datasets_doc_quotes_the_report_validate_writes(
     assert json.loads((work / "bad.json").read_text())["bad_samples"] == quoted
 
 
+def test_pack_counts_an_unchecked_bomb_instead_of_printing_pillows_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catalog of `validate --meta-only` never had its pixels checked: pack meets the image over
+    Pillow's limit (validate's default --max-pixels), drops it and says so in its summary, not as a
+    warning from Pillow."""
+    work = tmp_path / "mine"
+    shutil.copytree(
+        REPO / "docs" / "examples" / "own-datasets", work, ignore=shutil.ignore_patterns("catalogs")
+    )
+    Image.new("1", (12000, 8000)).save(work / "data" / "images" / "my_charts" / "bomb.png")
+    meta = work / "data" / "meta_files" / "my-charts-qa.jsonl"
+    meta.write_text(meta.read_text().replace('"bars_1.png"', '"bomb.png"', 1))
+    monkeypatch.chdir(work)
+    mine = ["--recipe", "my_recipe.toml", "--dataset-info", "my_info.json", "--root", "data"]
+    code, _, err = call(
+        capsys, monkeypatch, "ovis-data", "validate", *mine, "--meta-only", "--processes", "1"
+    )
+    assert code == 1, err  # the example's own two bad samples
+    tiny = ["--visual-tokens", "6", "--image-size", "28", "--max-length", "256", "--processes", "1"]
+    tok = ["--tokenizer", str(bundled_qwen_tokenizer_dir())]
+    code, out, err = call(capsys, monkeypatch, "ovis-data", "pack", *mine, *tok, "--out", "packed", *tiny)
+    assert code == 0, err
+    assert "DecompressionBomb" not in err and "Traceback" not in err, err
+    assert re.search(r"│ my-charts-qa .*decompression_bomb 1", out), out
+    manifest = json.loads((work / "packed" / "stage4" / "manifest.json").read_text())
+    assert manifest["datasets"]["my-charts-qa"]["dropped"] == {"decompression_bomb": 1}
+
+
 def test_dependencies_stay_quiet(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     # DeepSpeed's import (a fresh process: it speaks once per process) after the commands' setup
     quiet = "from ovis_data.clikit import quiet_dependencies; quiet_dependencies(); import deepspeed"
