@@ -81,7 +81,7 @@ def chat_command(
 def main() -> NoReturn:
     from .chat import ChatError
 
-    run(app, "ovis-chat", (ChatError, OvisDataError))
+    run(app, "ovis-chat", (ChatError, OvisDataError), on_interrupt="interrupted")
 
 
 if __name__ == "__main__":

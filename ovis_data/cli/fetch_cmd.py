@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..clikit import expect_file, expect_file_or_creatable, print_table
 from ..errors import OvisDataError
 from ..fetch import FetchOptions, ImageParams, NetParams, fetch_datasets, parse_part
 from ..fetch.progress import summary_table
@@ -76,6 +77,8 @@ def fetch(
     Example:
         ovis-data fetch coyo-10m --root /data/ovis --layout shards --report coyo.json
     """
+    expect_file(dataset_info, "--dataset-info")
+    expect_file_or_creatable(report, "--report")
     if engine not in ENGINES:
         raise OvisDataError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
     if layout is not None and layout not in ("files", "shards"):
@@ -110,7 +113,7 @@ def fetch(
     else:
         reports = fetch_datasets(names, base, options, registry, err_console)
     for r in reports:
-        console.print(summary_table(r))
+        print_table(console, summary_table(r))
     if report is not None:
         payload = reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports]
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
+from ..interrupt import cancel_pending, quiet_on_sigint, run_task
 from ..storage import as_path, read_range
 
 # Pillow's default limit (about 89.5 megapixels): a larger image is treated as a decompression bomb.
@@ -142,12 +143,17 @@ def check_images(
     # forkserver: the caller runs DuckDB's threads; forking a multi-threaded process can deadlock the child
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+    # Ctrl-C: the running chunks stop, queued ones never start, no traceback (ovis_data.interrupt)
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=quiet_on_sigint) as pool:
         # map() submits everything up front; bound the in-flight chunks so 10M paths never sit in memory.
         pending = []
-        for task in tasks:
-            pending.append(pool.submit(_check_chunk, task))
-            if len(pending) >= processes * 4:
-                yield pending.pop(0).result()
-        for fut in pending:
-            yield fut.result()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(run_task, _check_chunk, task))
+                if len(pending) >= processes * 4:
+                    yield pending.pop(0).result()
+            for fut in pending:
+                yield fut.result()
+        except BaseException:  # KeyboardInterrupt, or the caller closing this generator
+            cancel_pending(pool)
+            raise

@@ -8,7 +8,14 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from ovis_data.clikit import hf_bars_only_on_a_terminal, run, version_option
+from ovis_data.clikit import (
+    expect_dir,
+    expect_dir_or_creatable,
+    expect_file,
+    hf_bars_only_on_a_terminal,
+    run,
+    version_option,
+)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -89,6 +96,10 @@ def train_command(
     Your own datasets (docs/own-datasets.md):
         ovis-train --recipe my_recipe.toml --dataset-info my_info.json --data /data/packed --out /runs/mine
     """
+    for path, option in ((recipe, "--recipe"), (dataset_info, "--dataset-info")):
+        expect_file(path, option)
+    expect_dir(data, "--data")
+    expect_dir_or_creatable(out, "--out")
     from .loop import train
     from .setup import RunArgs, TrainError
 
@@ -115,7 +126,7 @@ def train_command(
 
 
 def main() -> NoReturn:
-    run(app, "ovis-train", ())
+    run(app, "ovis-train", (), on_interrupt="interrupted; --resume continues from the last checkpoint")
 
 
 if __name__ == "__main__":

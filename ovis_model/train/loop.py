@@ -103,7 +103,9 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
                     "samples": int(samples),
                     "supervised": global_count,
                     "step_time": time.perf_counter() - t0,
-                    "epoch": loader.epoch,
+                    # the epoch the step's micro-batches came from, 0-based as in epoch_end events (the
+                    # loader has moved to the next one once the last micro-batch of an epoch is out)
+                    "epoch": int(batches[0]["meta"]["epoch"]),
                 },
             )
             if loader.epoch != epoch:  # the step crossed into a new epoch
