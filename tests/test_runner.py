@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -118,3 +119,29 @@ def test_ovis_chat_reports_tokens(model_dir: Path) -> None:
     assert result["finish_reason"] == "repetition" and result["output_tokens"] < 200
     assert f"ovis-chat: {result['output_tokens']} tokens in " in proc.stderr
     assert "repeating itself" in proc.stderr
+
+
+def test_ovis_chat_usage_errors_are_one_line(model_dir: Path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    chat = [sys.executable, "-m", "ovis_model.chat_cli", str(model_dir)]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        cases = [  # (arguments, what the one line says)
+            ([], "QUESTION is required"),
+            (["--serve", "Hi"], "--serve takes no QUESTION"),
+            (["--serve", "--port", port], f"cannot listen on 127.0.0.1:{port}"),
+            (["--serve", "--queue-size", "-1"], "--queue-size"),
+        ]
+        procs = [
+            subprocess.Popen(
+                [*chat, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            for args, _ in cases
+        ]
+        for (args, named), proc in zip(cases, procs, strict=True):
+            out, err = proc.communicate(timeout=300)
+            lines = err.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1 and named in lines[0], (args, err)
+            assert lines[0].startswith("error: ") and "Traceback" not in out + err
