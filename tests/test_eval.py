@@ -194,6 +194,28 @@ def test_circular_evaluation_makes_and_groups_rotations(tmp_path: Path) -> None:
     assert (again["questions"], again["asked"], again["correct"]) == (8, 32, 3)
 
 
+def test_a_killed_run_resumes_with_the_same_key_only(tmp_path: Path) -> None:
+    path = _write_tsv(tmp_path / "Resume.tsv", MCQ_HEADER, _mcq_rows(8))
+
+    def killed(items: list) -> list[str]:
+        if any("Q4:" in q for _, q in items):
+            raise KeyboardInterrupt  # killed while the second batch is asked
+        return StandIn(good={0, 1, 2, 3})(items)
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_bench(path, tmp_path / "out", killed, batch_size=4, run_key="model-1")
+    again = StandIn(good={0, 1, 2, 3})
+    summary = evaluate_bench(path, tmp_path / "out", again, batch_size=4, run_key="model-1")
+    assert (
+        len(again.asked) == 4 and summary["questions"] == 8 and summary["correct"] == 4 + 1
+    )  # Q4's answer is A
+    other = StandIn(good=set())
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_bench(path, tmp_path / "out", killed, batch_size=4, run_key="model-1")
+    evaluate_bench(path, tmp_path / "out", other, batch_size=4, run_key="model-2")  # another model: all asked
+    assert len(other.asked) == 8
+
+
 def test_yes_no_bench_with_image_paths(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (16, 16), (200, 0, 0)).save(tmp_path / "imgs" / "red.png")

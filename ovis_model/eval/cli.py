@@ -3,6 +3,7 @@ ovis_model.eval.score."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -71,6 +72,15 @@ def eval_command(
     hf_bars_only_on_a_terminal()
     model = load_for_chat(model_dir, device=device, dtype=dtype)
     answer = model_answerer(model, max_new_tokens)
+    weights = sorted(model_dir.glob("*.safetensors"))
+    run_key = json.dumps(
+        [
+            str(model_dir.resolve()),
+            [(p.name, p.stat().st_mtime_ns) for p in weights],
+            max_new_tokens,
+            circular,
+        ]
+    )  # a killed run resumes only with the same model and settings
     err = Console(stderr=True, soft_wrap=True)
     for path in bench:
         with ProgressDisplay() as shown:
@@ -81,6 +91,7 @@ def eval_command(
                 circular=circular,
                 batch_size=batch_size,
                 warn=lambda line: err.print(f"warning: {line}", highlight=False, markup=False),
+                run_key=run_key,
                 progress=lambda done, total, name=path.stem: shown.update(name, done, total, "rows"),
             )
         acc = summary["accuracy"]

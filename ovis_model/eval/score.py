@@ -12,8 +12,9 @@ a question is right only if every rotation of its options is. A file that alread
 (MMBench's: copies at index + k * 1e6) is grouped by `index % 1e6` as VLMEvalKit groups it; a file without
 them gets them made (bench.rotations). Yes/no files are scored plainly.
 
-Progress is written per batch to a `.partial` file; a killed run started again with the same arguments
-asks only the questions not yet answered.
+Progress is written per batch to a `.partial` file; a killed run started again with the same `run_key`
+(the command's: the model folder's weights, the generation settings, --circular) asks only the questions
+not yet answered.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def query(q: Question, bench_name: str) -> str:
     return with_images(prompt, len(q.images))
 
 
-def _done_rows(partial: Path) -> dict[str, dict]:
-    """Rows a killed run wrote (by index), if its file has our columns."""
-    if not partial.is_file():
+def _done_rows(partial: Path, run_key: str | None) -> dict[str, dict]:
+    """Rows a killed run with the same key wrote (by index)."""
+    key_file = partial.with_name(partial.name + ".key")
+    if run_key is None or not partial.is_file() or not key_file.is_file() or key_file.read_text() != run_key:
         return {}
     with open(partial, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
@@ -64,6 +66,7 @@ def evaluate_bench(
     batch_size: int = 8,
     warn: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    run_key: str | None = None,
 ) -> dict:
     """Score one file (see the module doc); returns the summary, also written to DIR/<bench>_summary.json."""
     bench = open_bench(path)
@@ -71,7 +74,9 @@ def evaluate_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{bench.name}_predictions.tsv"
     partial = final.with_name(final.name + ".partial")
-    done = _done_rows(partial)
+    done = _done_rows(partial, run_key)
+    key_file = partial.with_name(partial.name + ".key")
+    key_file.unlink(missing_ok=True)
     make_rotations = circular and bench.kind == MCQ and not bench.has_rotations
     results: list[dict] = []
     skipped: list[dict] = []
@@ -80,6 +85,8 @@ def evaluate_bench(
     f = open(partial, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed below, rows flushed per batch
     writer = csv.DictWriter(f, COLUMNS, delimiter="\t", lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
+    if run_key is not None:
+        key_file.write_text(run_key)
 
     def record(row: dict) -> None:
         writer.writerow(row)
@@ -127,6 +134,7 @@ def evaluate_bench(
     finally:
         f.close()
     os.replace(partial, final)
+    key_file.unlink(missing_ok=True)
     summary = summarize(results, circular=circular and bench.kind == MCQ)
     summary.update(
         bench=bench.name,
