@@ -95,11 +95,16 @@ def _evaluate(out: Path, root: Path, registry: dict, seed: int, console: Console
         json.loads((out / "run" / f"stage{s}" / "summary.json").read_text())["val_loss"] for s in (1, 2, 3)
     ]
     losses = ", ".join(f"{v:.3f}" for v in val if v is not None)
+    verdict = (
+        "none of its answers names an option (each counted wrong, never guessed)"
+        if summary["unmatched"] == summary["questions"]
+        else f"{summary['unmatched']} of its answers name no option (counted wrong, never guessed)"
+    )
     console.print(
         f"val_loss (held-out samples) after stages 1-3: {losses}; {n} questions from the corpus (4 options "
-        f"each, chance {summary['chance']:.0%}): accuracy {summary['accuracy']:.0%}, {summary['unmatched']} "
-        "answers matched no option. A model this small is near chance; a real Ovis is scored the same way on "
-        "MMBench, MMStar and the others (docs/evaluation.md):"
+        f"each, chance {summary['chance']:.0%}): accuracy {summary['accuracy']:.0%}; {verdict}. A model this "
+        "small is at chance or below; a real Ovis is scored the same way on MMBench, MMStar and the others "
+        "(docs/evaluation.md):"
         f"\n  ovis-eval {model_dir} --bench {bench} --out {out / 'eval'}",
         soft_wrap=True,
         highlight=False,

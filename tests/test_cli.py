@@ -125,6 +125,10 @@ def test_demo_runs_end_to_end(tmp_path: Path):
         lines = (demo / "run" / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()
         losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
         assert len(losses) == 4 and losses[-1] < losses[0]  # the trainer trained every stage
+        assert [r for r in map(json.loads, lines) if r.get("event") == "val"]  # the held-out split's loss
+        assert (demo / "packed" / f"stage{stage}" / "val" / "manifest.json").exists()
+    summary = json.loads((demo / "eval" / "demo_bench_summary.json").read_text())  # ovis-eval's last step
+    assert summary["questions"] > 10 and summary["chance"] == 0.25 and summary["skipped"] == 0
     assert "deliberately broken" in out.stdout
     assert "Its answer about" in out.stdout
 

@@ -161,8 +161,9 @@ class Evaluator:
             metrics.event("no_val_split", {"expected": str(val_dir)})
             return
         model = engine.module
-        tok = model.text_tokenizer
-        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        # the empty micro-batches' one token: id 0, not the pad id, which a tokenizer that gained a token
+        # (transformers adds <|endoftext|> to some) may place past the embedding table; nothing is supervised
+        pad = 0
         self.split = ValSplit(
             val_dir,
             int(cfg["micro_batch_tokens"]),
