@@ -181,3 +181,23 @@ def test_two_ranks_zero3_val_loss_covers_the_whole_split(packed: Path, parts, tm
     summary = json.loads((tmp_path / "stage1" / "summary.json").read_text())
     direct = _direct_val_loss(tmp_path / "stage1" / "model", packed / "stage1" / "val")
     assert summary["val_loss"] == pytest.approx(direct, rel=1e-5)
+
+
+def test_pack_command_holdout(packed: Path, parts, demo_root: Path, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    common = ["pack", "--stage", "1", "--root", str(root), "--tokenizer", str(parts[0]), "--processes", "1",
+              "--packs-per-shard", "3", "--visual-tokens", "6", "--image-size", "28",
+              "--max-length", "256"]  # fmt: skip
+    bad = run_cli(*common, "--out", str(tmp_path / "bad"), "--holdout", "1.5")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --holdout must be a fraction in [0, 1), got 1.5"
+    ]
+    ok = run_cli(*common, "--out", str(tmp_path / "out"), "--holdout", str(HOLDOUT))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    held = json.loads((packed / "stage1" / "val" / "manifest.json").read_text())["samples"]
+    assert f"{held} samples held out for validation" in ok.stdout.replace("\n", " ")
+    for tar in sorted((packed / "stage1" / "val").glob("*.tar")):  # the library's and the command's bytes
+        assert tar.read_bytes() == (tmp_path / "out" / "stage1" / "val" / tar.name).read_bytes()

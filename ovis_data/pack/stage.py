@@ -177,6 +177,7 @@ def pack_stage(
     for flag, value in (("visual_tokens", visual_tokens), ("image_size", image_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value <= 0):
             raise OvisDataError(f"{flag} must be a positive integer, got {value!r}")
+    holdout = check_fraction(holdout)
     root_path = resolve_root(root)
     remote_out = RemotePath(str(out)) / f"stage{recipe.stage}" if is_url(out) else None
     processes = max(1, processes or os.cpu_count() or 1)
@@ -236,7 +237,7 @@ def pack_stage(
         ],
         "caption_templates": caption_templates,
     }
-    if check_fraction(holdout):  # only then: a stage packed without one keeps its inputs' hash
+    if holdout:  # only then: a stage packed without one keeps its inputs' hash
         inputs["holdout"] = holdout
     inputs_sha = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     manifest_path = out_dir / MANIFEST
