@@ -10,6 +10,7 @@ counted as if trained, padding not counted):
                                         sub-sequence of length s_i (attention never crosses sub-samples),
                                         no causal halving (as nanoGPT and PaLM)
   + 6 * N_vit * P * I                   the visual backbone and head on the P patches of each of I images
+                                        (its class token and own attention left out: a few % at 576 patches)
   + 6 * N_vte * T_vis                   the visual embedding table (probabilities times a matrix) per
                                         visual token
 
