@@ -181,12 +181,16 @@ def _programs() -> dict[str, Any]:
     from ovis_data.cli import app as data_app
     from ovis_data.clikit import polish
     from ovis_model.chat_cli import app as chat_app
+    from ovis_model.eval.cli import app as eval_app
     from ovis_model.train.cli import app as train_app
 
-    return {
-        name: polish(get_command(a))
-        for name, a in (("ovis-data", data_app), ("ovis-train", train_app), ("ovis-chat", chat_app))
-    }
+    apps = (
+        ("ovis-data", data_app),
+        ("ovis-train", train_app),
+        ("ovis-chat", chat_app),
+        ("ovis-eval", eval_app),
+    )
+    return {name: polish(get_command(a)) for name, a in apps}
 
 
 def _parse(cmd: Any, prog: str, args: list[str]) -> Any:
@@ -199,7 +203,7 @@ def _parse(cmd: Any, prog: str, args: list[str]) -> Any:
 
 def test_every_help_shows_an_example_that_parses_and_the_readme_agrees(capsys: pytest.CaptureFixture):
     programs = _programs()
-    commands = [("ovis-train", programs["ovis-train"], []), ("ovis-chat", programs["ovis-chat"], [])]
+    commands = [(p, programs[p], []) for p in ("ovis-train", "ovis-chat", "ovis-eval")]
     commands += [("ovis-data", programs["ovis-data"], [])]
     commands += [("ovis-data", sub, [name]) for name, sub in programs["ovis-data"].commands.items()]
     for prog, cmd, path in commands:
@@ -217,7 +221,7 @@ def test_every_help_shows_an_example_that_parses_and_the_readme_agrees(capsys: p
             assert path == [] or ctx.info_name == path[0], line
     # Every option the README's command table shows is one the command takes.
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    rows = re.findall(r"^\| `((?:ovis-data|ovis-train|ovis-chat)[^`]*)` \|", readme, re.M)
+    rows = re.findall(r"^\| `((?:ovis-data|ovis-train|ovis-chat|ovis-eval)[^`]*)` \|", readme, re.M)
     assert len(rows) >= 8
     for row in rows:
         prog, *words = row.split()
