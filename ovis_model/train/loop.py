@@ -16,6 +16,8 @@ import torch
 
 from ..batching import batch_to
 from . import checkpoint
+from .evaluate import Evaluator
+from .flops import Throughput
 from .loss import all_reduce_sum, global_supervised, loss_normalizer, next_step
 from .metrics import Metrics
 from .setup import (
@@ -69,6 +71,8 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
             say(f"  resumed from {ckpt_dir / checkpoint.latest(ckpt_dir)} at step {step}")
     metrics = Metrics(run_dir, plan.steps, enabled=main, log_every=cfg.train["log_every"])
     metrics.event("start", {"step": step, "steps": plan.steps, "world_size": world})
+    evaluator = Evaluator(prep, engine, device, bf16, rank, world, metrics, say, args.resume)
+    throughput = Throughput(model, device, world, cfg.train["peak_tflops"], bf16)
 
     stop = {"requested": False}  # SIGTERM (preemption, scancel): checkpoint, then exit
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -106,8 +110,10 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
                     # the epoch the step's micro-batches came from, 0-based as in epoch_end events (the
                     # loader has moved to the next one once the last micro-batch of an epoch is out)
                     "epoch": int(batches[0]["meta"]["epoch"]),
+                    **throughput.values(batches, time.perf_counter() - t0),
                 },
             )
+            evaluator.after_step(step)
             if loader.epoch != epoch:  # the step crossed into a new epoch
                 metrics.event("epoch_end", loader.epoch_summary(epoch))
                 epoch = loader.epoch
@@ -121,6 +127,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
                     say(f"stopped by SIGTERM at step {step}; resume with --resume (checkpoint {path})")
                 metrics.event("stopped", {"step": step})
                 return {"stage": cfg.stage, "step": step, "stopped": True, "run_dir": str(run_dir)}
+        val = evaluator.at_end(step)  # the final model's val loss (None without a val split)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         micro_batches.close()  # stops the loader's workers now, not at garbage collection
@@ -135,6 +142,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
         "run_dir": str(run_dir),
         "model_dir": str(model_dir),
         "epoch": loader.epoch_summary(epoch),
+        "val_loss": val,
     }
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")

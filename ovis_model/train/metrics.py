@@ -65,6 +65,22 @@ class Metrics:
             else:
                 print(line, file=sys.stderr, flush=True)
 
+    def val(self, step: int, values: dict[str, Any]) -> None:
+        """A validation result (`val_loss`, ...): a JSON line (`"event": "val"`), TensorBoard `val/...`."""
+        if not self.enabled:
+            return
+        record = {"event": "val", "step": step, **values, "time": time.time()}
+        self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            if isinstance(value, int | float):
+                self._tb.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+        line = f"step {step}/{self.total}  val_loss {values['val_loss']:.4f}"
+        if self.live:
+            self.console.print(line, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def event(self, name: str, values: dict[str, Any]) -> None:
         """A non-step record (start, checkpoint, epoch summary, end) in the JSON lines."""
         if self.enabled:
