@@ -32,7 +32,7 @@ class Hub:
     token None means its own lookup (HF_TOKEN, else `hf auth login`'s stored token)."""
 
     endpoint: str | None = None
-    token: str | None = None
+    token: str | bool | None = None  # False: send none
 
     def base(self) -> str:
         from huggingface_hub import constants

@@ -73,6 +73,20 @@ class _Bytes:
             if self.progress is not None:
                 self.progress("downloading", self.done, max(self.total, self.done))
 
+    def unit(self) -> _UnitBytes:
+        return _UnitBytes(self)
+
+
+class _UnitBytes:
+    """One unit's bytes (what its report says it downloaded), also counted in the total."""
+
+    def __init__(self, total: _Bytes):
+        self.total, self.done = total, 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        self.total.add(n)
+
 
 def manual_step(unit: Unit, root: Path) -> str:
     sf = unit.source
@@ -81,7 +95,7 @@ def manual_step(unit: Unit, root: Path) -> str:
     return f"{unit.dataset}: manual step: {sf.manual}{link} Put the file at {where}, then run get again."
 
 
-def _fetch_files(unit: Unit, root: Path, opts: GetOptions, counter: _Bytes) -> list[Path]:
+def _fetch_files(unit: Unit, root: Path, opts: GetOptions, counter: _UnitBytes) -> list[Path]:
     """The unit's file(s) on disk, verified."""
     sf, into = unit.source, unit.downloads(root)
     paths = []
@@ -133,9 +147,9 @@ def _prune(folder: Path) -> None:
         folder.rmdir()
 
 
-def run_unit(unit: Unit, root: Path, opts: GetOptions, counter: _Bytes, progress: Progress | None) -> UnitResult:
+def run_unit(unit: Unit, root: Path, opts: GetOptions, total: _Bytes, progress: Progress | None) -> UnitResult:
     started = time.monotonic()
-    before = counter.done
+    counter, before = total.unit(), 0
     try:
         paths = _fetch_files(unit, root, opts, counter)
         payload = {"key": unit.key, "source": unit.label(), "size": sum(p.stat().st_size for p in paths)}
@@ -154,6 +168,10 @@ def run_unit(unit: Unit, root: Path, opts: GetOptions, counter: _Bytes, progress
             merge(staging, unit.target)
         finally:
             clear(staging)
+            try:
+                staging.parent.rmdir()  # image_dir/.get/staging, unless another unit stages there now
+            except OSError:
+                pass
         payload["files"] = got.files
         write_marker(image_marker(unit.target, unit.key), payload)
         if not opts.keep_archives:

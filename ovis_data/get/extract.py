@@ -29,7 +29,7 @@ from ..sources import SourceFile
 from .download import SourceFailed
 
 MAX_RATIO = 100.0  # output bytes per archive byte; images barely compress, bombs reach thousands
-RATIO_SLACK = 64 << 20  # small archives of text may expand more: this much is always allowed
+RATIO_SLACK = 8 << 20  # small archives of text may expand more: this much is always allowed
 COPY_CHUNK = 1 << 20
 
 
@@ -268,6 +268,6 @@ def extract(
     finally:
         stream.close()
     if refused:
-        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
-        raise SourceFailed(f"{label}: refused {', '.join(refused[:3])}{more}: nothing of it placed")
+        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise SourceFailed(f"{label}: refused {', '.join(refused[:8])}{more}: nothing of it placed")
     return out

@@ -26,7 +26,7 @@ class GetOutcome:
     def exit_code(self) -> int:
         """0 when every source is in place, 1 when one failed or waits for a manual step."""
         bad = [r for r in self.results if r.status not in ("done", "already done")]
-        return 1 if bad or any(g.error for g in self.gaps) else 0
+        return 1 if bad else 0
 
 
 def get(
@@ -71,7 +71,7 @@ def ensure_url_lists(specs: list[DatasetSpec], root: Path, opts: GetOptions | No
         has = src is not None and (src.url_list is not None or (src.meta_file is not None and path == spec.meta_path(root)))
         if not has:
             raise OvisDataError(
-                f"{path}: URL list of {spec.name} not found, and its registry entry has no source.url_list to "
+                f"{path}: URL list not found ({spec.name}), and its registry entry has no source.url_list to "
                 f"get it from: put the file there (see docs/get.md)"
             )
         outcome_plan, results = get_datasets([spec], root, opts or GetOptions(meta_only=True))
@@ -79,7 +79,7 @@ def ensure_url_lists(specs: list[DatasetSpec], root: Path, opts: GetOptions | No
         if failed or not path.is_file():
             detail = failed[0].detail if failed else "not got"
             raise OvisDataError(
-                f"{path}: URL list of {spec.name} could not be got ({detail}); retry with: "
+                f"{path}: URL list not found, and getting it from its source failed ({detail}); retry with: "
                 f"{get_command([spec.name], root)}"
             )
         got.append(spec.name)
