@@ -74,7 +74,9 @@ class ImageStore:
             return pa.table({"image_path": paths, "linked_out": pa.array(np.zeros(len(paths), dtype=bool))})
         if isinstance(self.image_dir, RemotePath):  # object stores have no links: one listing of the prefix
             names = [
-                p for p in self.image_dir.find() if not p.startswith((FETCH_BOOKKEEPING + "/", GET_BOOKKEEPING + "/"))
+                p
+                for p in self.image_dir.find()
+                if not p.startswith((FETCH_BOOKKEEPING + "/", GET_BOOKKEEPING + "/"))
             ]
             linked = pa.array(np.zeros(len(names), dtype=bool))
             return pa.table({"image_path": pa.array(names, pa.string()), "linked_out": linked})

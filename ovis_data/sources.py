@@ -63,7 +63,11 @@ class SourceFile:
         if self.manual is not None:
             return f"manual: {self.path}"
         where = self.hub if self.hub is not None else ""
-        what = self.path or self.pattern or (f"{self.parts[0]} (+{len(self.parts) - 1} parts)" if self.parts else "")
+        what = (
+            self.path
+            or self.pattern
+            or (f"{self.parts[0]} (+{len(self.parts) - 1} parts)" if self.parts else "")
+        )
         if self.hub is None:
             what = self.url or what
             return what
@@ -185,9 +189,10 @@ def _parse_file(where: _Where, raw: object, image: bool) -> SourceFile:
         raise where.error(f"'url' must be http(s)://..., got {url!r}")
     if pattern is not None and not image:
         raise where.error("'pattern' only applies to images")
-    if parts is not None:
-        if not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p for p in parts):
-            raise where.error("'parts' must be a non-empty list of strings")
+    if parts is not None and (
+        not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p for p in parts)
+    ):
+        raise where.error("'parts' must be a non-empty list of strings")
     revision = _str(where, raw, "revision", "main")
     if revision != "main" and hub is None:
         raise where.error("'revision' only applies to 'hub' sources")
@@ -257,7 +262,9 @@ def parse_source(file: object, entry: str, raw: object, has_images: bool, has_ur
         raise _Where(file, entry, "images").error("must be a list")
     if images and not has_images:
         raise _Where(file, entry, "images").error("a text-only entry (image_dir null) has no images")
-    parsed = tuple(_parse_file(_Where(file, entry, f"images[{i}]"), s, image=True) for i, s in enumerate(images))
+    parsed = tuple(
+        _parse_file(_Where(file, entry, f"images[{i}]"), s, image=True) for i, s in enumerate(images)
+    )
     note = raw.get("note")
     if note is not None and not isinstance(note, str):
         raise where.error("'note' must be a string")

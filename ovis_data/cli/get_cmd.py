@@ -36,7 +36,8 @@ def get_cmd(
         ),
     ] = False,
     keep_archives: Annotated[
-        bool, typer.Option("--keep-archives", help="Keep downloaded archives in ROOT/downloads/ after extraction.")
+        bool,
+        typer.Option("--keep-archives", help="Keep downloaded archives in ROOT/downloads/ after extraction."),
     ] = False,
     jobs: Annotated[int, typer.Option(help="Sources in flight at once (downloads overlap extractions).")] = 4,
     report: Annotated[Path | None, typer.Option(metavar="FILE", help="Write a JSON report here.")] = None,
@@ -87,6 +88,8 @@ def get_cmd(
     without = [s.name for s in specs if s.source is None]
     if names and without:
         raise typer.BadParameter(f"no source recorded for {', '.join(without)} (add a 'source' to its entry)")
+    if without:
+        err_console.print(f"no source recorded (left out): {', '.join(without)}", highlight=False, soft_wrap=True)
     base = resolve_root(root, must_exist=False)
     if not isinstance(base, Path):
         raise typer.BadParameter("get writes to a local folder: --root must not be an object-store URL")
@@ -101,12 +104,18 @@ def get_cmd(
     fetch_options = None if no_fetch else FetchOptions(net=NetParams(allow_private=allow_private))
     try:
         with ProgressDisplay(quiet) as shown:
+
             def on_progress(name: str, done: int, total: int) -> None:
                 shown.update(name, done, total or None, "B" if name == "downloading" else "files")
 
-
             outcome = get(
-                specs, base, opts, on_progress if shown.enabled else None, fetch_options, registry, err_console
+                specs,
+                base,
+                opts,
+                on_progress if shown.enabled else None,
+                fetch_options,
+                registry,
+                err_console,
             )
     except NotEnoughSpace as e:
         fail(str(e), 1)

@@ -63,7 +63,9 @@ def _image_source(spec: DatasetSpec, images: Path, repos: Path, files: Path, bas
     out = repos / repo
     if d == "sharegpt4v":  # a tar.gz whose members sit under a folder the meta file does not name
         _tar(folder, out / "data.tar.gz", "share/sharegpt4v/", "w:gz")
-        return [{"hub": repo, "path": "data.tar.gz", "strip": "share/sharegpt4v/", **_digest(out / "data.tar.gz")}]
+        return [
+            {"hub": repo, "path": "data.tar.gz", "strip": "share/sharegpt4v/", **_digest(out / "data.tar.gz")}
+        ]
     if d == "allava_laion":  # a zip split into parts, shared by the caption and instruct datasets
         whole = files / "tmp" / "laion.zip"
         _zip(folder, whole, prefix="allava_laion/images/")
@@ -76,7 +78,9 @@ def _image_source(spec: DatasetSpec, images: Path, repos: Path, files: Path, bas
             names.append(name)
         shutil.rmtree(files / "tmp")
         sizes = [(out / n).stat().st_size for n in names]
-        return [{"hub": repo, "parts": names, "size": sizes, "format": "zip", "strip": "allava_laion/images/"}]
+        return [
+            {"hub": repo, "parts": names, "size": sizes, "format": "zip", "strip": "allava_laion/images/"}
+        ]
     if d == "allava_vflan":  # several archives matched by a pattern, each holding part of the folder
         all_files = _files(folder)
         for k in range(3):
@@ -85,8 +89,12 @@ def _image_source(spec: DatasetSpec, images: Path, repos: Path, files: Path, bas
     if d == "synthdog":  # rows of image bytes in parquet files, as HF `datasets` writes Image features
         rows = [{"bytes": p.read_bytes(), "path": p.relative_to(folder).as_posix()} for p in _files(folder)]
         (out / "data").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"image": rows, "split": ["train"] * len(rows)}), out / "data/train-00000.parquet")
-        return [{"hub": repo, "path": "data/train-00000.parquet", **_digest(out / "data/train-00000.parquet")}]
+        pq.write_table(
+            pa.table({"image": rows, "split": ["train"] * len(rows)}), out / "data/train-00000.parquet"
+        )
+        return [
+            {"hub": repo, "path": "data/train-00000.parquet", **_digest(out / "data/train-00000.parquet")}
+        ]
     if d == "textvqa":  # a publisher's site: a plain URL, images under train_images/
         _zip(folder, files / "textvqa/train_val_images.zip", prefix="train_images/")
         return [{"url": f"{base_url}/textvqa/train_val_images.zip", "strip": "train_images/"}]
@@ -113,7 +121,9 @@ def publish_demo(repos: Path, files: Path, base_url: str, info_path: Path, seed:
         meta = meta_repo / "meta_files" / spec.meta_file
         meta.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(spec.meta_path(work), meta)
-        source: dict = {"meta_file": {"hub": META_REPO, "path": f"meta_files/{spec.meta_file}", **_digest(meta)}}
+        source: dict = {
+            "meta_file": {"hub": META_REPO, "path": f"meta_files/{spec.meta_file}", **_digest(meta)}
+        }
         if spec.url_source is not None:
             url_list = meta_repo / "meta_files" / spec.url_source.url_list
             if spec.url_source.url_list != spec.meta_file:

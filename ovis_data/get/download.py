@@ -149,7 +149,9 @@ def hub_list(hub: Hub, repo: str, revision: str, pattern: str) -> list[tuple[str
             tree = HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_tree(
                 repo, repo_type="dataset", revision=revision, recursive=True
             )
-            return sorted((f.path, f.size) for f in tree if isinstance(f, RepoFile) and fnmatch(f.path, pattern))
+            return sorted(
+                (f.path, f.size) for f in tree if isinstance(f, RepoFile) and fnmatch(f.path, pattern)
+            )
         except Exception as e:
             if attempt < RETRIES and _transient(e):
                 time.sleep(BACKOFF_S * 2**attempt)
@@ -210,7 +212,9 @@ async def _url_download(url: str, dest: Path, on_bytes: Bytes) -> Path:
                     if r.status == 200 and have:  # the server ignored the Range: start over
                         on_bytes(-have)
                         have = 0
-                    elif r.status == 206 and not (r.headers.get("Content-Range", "")).startswith(f"bytes {have}-"):
+                    elif r.status == 206 and not (r.headers.get("Content-Range", "")).startswith(
+                        f"bytes {have}-"
+                    ):
                         raise SourceFailed(f"{url}: the server answered a Range request with another range")
                     expected = r.content_length
                     got = 0
@@ -222,10 +226,12 @@ async def _url_download(url: str, dest: Path, on_bytes: Bytes) -> Path:
                     if expected is not None and got != expected:
                         raise _Retry(f"connection closed after {got:,} of {expected:,} bytes")
                 break
-            except (_Retry, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            except (TimeoutError, _Retry, aiohttp.ClientError, ConnectionError) as e:
                 last = str(e) or type(e).__name__
                 if attempt == RETRIES:
-                    raise SourceFailed(f"{url}: {last} (after {RETRIES + 1} attempts; re-run to resume)") from e
+                    raise SourceFailed(
+                        f"{url}: {last} (after {RETRIES + 1} attempts; re-run to resume)"
+                    ) from e
                 await asyncio.sleep(BACKOFF_S * 2**attempt)
     os.replace(part, dest)
     return dest
@@ -239,13 +245,17 @@ def url_size(url: str) -> int | None:
     """Content-Length of a HEAD request, None when the server does not say."""
 
     async def head() -> int | None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-            async with s.head(url, allow_redirects=True, headers={"Accept-Encoding": "identity"}) as r:
-                return r.content_length if r.status < 400 else None
+        timeout = aiohttp.ClientTimeout(total=30)
+        headers = {"Accept-Encoding": "identity"}
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as s,
+            s.head(url, allow_redirects=True, headers=headers) as r,
+        ):
+            return r.content_length if r.status < 400 else None
 
     try:
         return asyncio.run(head())
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return None
 
 
@@ -266,7 +276,9 @@ def verify(path: Path, size: int | None, sha256: str | None, what: str) -> str |
     actual = path.stat().st_size
     if size is not None and actual != size:
         path.unlink(missing_ok=True)
-        raise SourceFailed(f"{what}: size {actual:,} bytes, expected {size:,}: deleted (re-run to get it again)")
+        raise SourceFailed(
+            f"{what}: size {actual:,} bytes, expected {size:,}: deleted (re-run to get it again)"
+        )
     if sha256 is None:
         return None
     digest = sha256_of(path)

@@ -7,6 +7,7 @@ and only then writes its done-marker. A unit that fails is reported in one line;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import shutil
@@ -147,7 +148,9 @@ def _prune(folder: Path) -> None:
         folder.rmdir()
 
 
-def run_unit(unit: Unit, root: Path, opts: GetOptions, total: _Bytes, progress: Progress | None) -> UnitResult:
+def run_unit(
+    unit: Unit, root: Path, opts: GetOptions, total: _Bytes, progress: Progress | None
+) -> UnitResult:
     started = time.monotonic()
     counter, before = total.unit(), 0
     try:
@@ -168,10 +171,8 @@ def run_unit(unit: Unit, root: Path, opts: GetOptions, total: _Bytes, progress: 
             merge(staging, unit.target)
         finally:
             clear(staging)
-            try:
-                staging.parent.rmdir()  # image_dir/.get/staging, unless another unit stages there now
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):  # image_dir/.get/staging, unless another unit stages there
+                staging.parent.rmdir()
         payload["files"] = got.files
         write_marker(image_marker(unit.target, unit.key), payload)
         if not opts.keep_archives:

@@ -142,7 +142,9 @@ def _parquet_members(stream: BinaryIO, sf: SourceFile, label: str) -> Iterator[M
         cols = batch.to_pydict()
         for i in range(batch.num_rows):
             cell = cols[sf.image_column][i]
-            data, struct_path = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
+            data, struct_path = (
+                (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, None)
+            )
             if sf.name_template is not None:
                 name = sf.name_template.format(row=row, **{f: cols[f][i] for f in fields})
             elif sf.name_column is not None:
@@ -208,9 +210,10 @@ def extract(
     fmt = sf.file_format(posixpath.basename(first))
     archive_bytes = sum(p.stat().st_size for p in parts)
     limit = archive_bytes * max_ratio + RATIO_SLACK
-    stream: BinaryIO = ConcatReader(parts) if len(parts) > 1 else open(parts[0], "rb")  # type: ignore[assignment]
-    if len(parts) > 1:
-        stream = io.BufferedReader(stream, 1 << 20)  # type: ignore[arg-type,assignment]
+    # a split archive's parts read as one stream; closed in the finally below
+    stream: BinaryIO = (
+        io.BufferedReader(ConcatReader(parts), 1 << 20) if len(parts) > 1 else open(parts[0], "rb")  # noqa: SIM115
+    )
     out = Extracted()
     refused: list[str] = []
     placed: dict[str, str] = {}  # member name -> staged relative path (hardlinks copy from it)

@@ -73,7 +73,12 @@ class HubServer:
     def _entry(self, repo_dir: Path, p: Path) -> dict:
         rel = p.relative_to(repo_dir).as_posix()
         if p.is_dir():
-            return {"type": "directory", "oid": hashlib.sha1(rel.encode()).hexdigest(), "size": 0, "path": rel}
+            return {
+                "type": "directory",
+                "oid": hashlib.sha1(rel.encode()).hexdigest(),
+                "size": 0,
+                "path": rel,
+            }
         st = p.stat()
         oid = hashlib.sha1(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
         return {"type": "file", "oid": oid, "size": st.st_size, "path": rel}
@@ -89,8 +94,9 @@ class HubServer:
         if (denied := self._deny(request, repo, repo_dir)) is not None:
             return denied
         siblings = [{"rfilename": p.relative_to(repo_dir).as_posix()} for p in self._files(repo_dir)]
-        body = {"_id": repo, "id": repo, "sha": self.commit(repo), "private": False,
-                "gated": "manual" if repo in self.gated else False, "siblings": siblings, "tags": []}  # fmt: skip
+        gated = "manual" if repo in self.gated else False
+        body = {"_id": repo, "id": repo, "sha": self.commit(repo), "private": False, "gated": gated,
+                "siblings": siblings, "tags": []}  # fmt: skip
         return web.json_response(body)
 
     async def tree(self, request: web.Request) -> web.Response:

@@ -92,7 +92,10 @@ def _file_unit(role: str, spec: DatasetSpec, sf: SourceFile, target: Path) -> Un
     unit = Unit(key, role, spec.name, sf, (what,), (sf.size,), (sf.sha256,), target)  # type: ignore[arg-type]
     marker = read_marker(file_marker(target))
     unit.done = bool(
-        marker and marker.get("key") == key and target.is_file() and target.stat().st_size == marker.get("size")
+        marker
+        and marker.get("key") == key
+        and target.is_file()
+        and target.stat().st_size == marker.get("size")
     )
     return unit
 
@@ -116,10 +119,14 @@ def _image_units(spec: DatasetSpec, sf: SourceFile, root: Path, hub: Hub, probe:
         try:
             matched = hub_list(hub, sf.hub or "", sf.revision, sf.pattern)
         except SourceFailed as e:
-            return [Unit(base, "images", spec.name, sf, (sf.pattern,), (None,), (None,), image_dir, error=str(e))]
+            return [
+                Unit(base, "images", spec.name, sf, (sf.pattern,), (None,), (None,), image_dir, error=str(e))
+            ]
         if not matched:
             error = f"{sf.hub}: no file matches {sf.pattern!r}"
-            return [Unit(base, "images", spec.name, sf, (sf.pattern,), (None,), (None,), image_dir, error=error)]
+            return [
+                Unit(base, "images", spec.name, sf, (sf.pattern,), (None,), (None,), image_dir, error=error)
+            ]
         units = []
         for path, size in matched:
             key = _key(base, path)
@@ -141,14 +148,18 @@ def _probe_sizes(units: list[Unit], hub: Hub) -> None:
         if u.source.hub is not None:
             by_repo.setdefault((u.source.hub, u.source.revision), []).append(u)
         else:
-            u.sizes = tuple(s if s is not None else url_size(f) for s, f in zip(u.sizes, u.files, strict=True))
+            u.sizes = tuple(
+                s if s is not None else url_size(f) for s, f in zip(u.sizes, u.files, strict=True)
+            )
     for (repo, rev), group in by_repo.items():
         try:
             sizes = hub_sizes(hub, repo, rev, sorted({f for u in group for f in u.files}))
         except SourceFailed:
             continue  # the run itself reports what is wrong with the repo
         for u in group:
-            u.sizes = tuple(s if s is not None else sizes.get(f) for s, f in zip(u.sizes, u.files, strict=True))
+            u.sizes = tuple(
+                s if s is not None else sizes.get(f) for s, f in zip(u.sizes, u.files, strict=True)
+            )
 
 
 def make_plan(specs: list[DatasetSpec], root: Path, hub: Hub, meta_only: bool, probe: bool) -> Plan:

@@ -51,7 +51,11 @@ def plan_table(plan: Plan) -> Table:
         state = "done" if u.done else (f"error: {u.error}" if u.error else "to get")
         if u.source.manual is not None and not u.done:
             there = (u.downloads(plan.root) / (u.source.path or "")).is_file()
-            state = "manual: file in place" if there else f"manual: put it at {u.downloads(plan.root) / str(u.source.path)}"
+            state = (
+                "manual: file in place"
+                if there
+                else f"manual: put it at {u.downloads(plan.root) / str(u.source.path)}"
+            )
         if u.source.note:
             state += f" ({u.source.note})"
         size = human_size(u.size) if u.size is not None else "?"
@@ -76,7 +80,11 @@ def summary_table(results: list[UnitResult], gaps: list[Gap]) -> Table:
     if gaps:
         shown = [g for g in gaps if g.missing or g.error]
         table.caption = "missing images: " + (
-            "none" if not shown else "; ".join(f"{g.dataset} {g.error or f'{g.missing:,} of {g.samples:,} samples'}" for g in shown)
+            "none"
+            if not shown
+            else "; ".join(
+                f"{g.dataset} {g.error or f'{g.missing:,} of {g.samples:,} samples'}" for g in shown
+            )
         )
     return table
 

@@ -68,7 +68,9 @@ def ensure_url_lists(specs: list[DatasetSpec], root: Path, opts: GetOptions | No
         if path is None or path.is_file():
             continue
         src = spec.source
-        has = src is not None and (src.url_list is not None or (src.meta_file is not None and path == spec.meta_path(root)))
+        has = src is not None and (
+            src.url_list is not None or (src.meta_file is not None and path == spec.meta_path(root))
+        )
         if not has:
             raise OvisDataError(
                 f"{path}: URL list not found ({spec.name}), and its registry entry has no source.url_list to "
