@@ -89,7 +89,9 @@ def get_cmd(
     if names and without:
         raise typer.BadParameter(f"no source recorded for {', '.join(without)} (add a 'source' to its entry)")
     if without:
-        err_console.print(f"no source recorded (left out): {', '.join(without)}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"no source recorded (left out): {', '.join(without)}", highlight=False, soft_wrap=True
+        )
     base = resolve_root(root, must_exist=False)
     if not isinstance(base, Path):
         raise typer.BadParameter("get writes to a local folder: --root must not be an object-store URL")
