@@ -334,7 +334,7 @@ def test_sigkill_mid_extract_then_rerun_gives_the_same_tree(hub, tmp_path: Path)
 def demo(tmp_path_factory: pytest.TempPathFactory):
     from ovis_data.get.demo_hub import demo_hub
 
-    with demo_hub(tmp_path_factory.mktemp("demo-hub")) as (server, info):
+    with demo_hub(tmp_path_factory.mktemp("demo-hub"), stages=(3,)) as (server, info):  # a smaller corpus
         yield server, info
 
 
@@ -351,11 +351,11 @@ def test_stage3_from_an_empty_root_validates_with_no_missing_image(demo, tmp_pat
     assert set(datasets) == {n for n, s in load_registry(info).items() if s.stage == 3}
     for name, r in datasets.items():
         assert "missing_image" not in r["by_reason"] and not r.get("error"), (name, r)
-    # the URL dataset's list is in place, so fetch (asked by name) goes straight to its images
-    out = _cli("fetch", "coyo-10m", "--root", str(tmp_path / "coyo"), "--dataset-info", str(info),
+    # fetch on an empty root gets the URL list from the dataset's source first, then the images
+    out = _cli("fetch", "cc12m-qa-387k", "--root", str(tmp_path / "urls"), "--dataset-info", str(info),
                "--allow-private", "--processes", "1", env=env)  # fmt: skip
-    assert out.returncode == 0 and "got the URL list of coyo-10m" in out.stderr, out.stderr
-    assert len(list((tmp_path / "coyo/images/coyo_10m").glob("*.jpg"))) > 100
+    assert out.returncode == 0 and "got the URL list of cc12m-qa-387k" in out.stderr, out.stderr
+    assert len(list((tmp_path / "urls/images/ovis_cc12m").glob("*.jpg"))) > 5
 
 
 def test_own_dataset_get_then_validate(hub, tmp_path: Path) -> None:

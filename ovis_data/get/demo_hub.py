@@ -107,16 +107,26 @@ def _image_source(spec: DatasetSpec, images: Path, repos: Path, files: Path, bas
     return [{"hub": repo, "path": "images.zip", **_digest(out / "images.zip")}]
 
 
-def publish_demo(repos: Path, files: Path, base_url: str, info_path: Path, seed: int = 0) -> Path:
-    """Build the demo corpus, publish it under `repos` (Hub repositories) and `files` (plain URLs, served
-    at base_url), and write the dataset_info.json whose sources point there."""
+def publish_demo(
+    repos: Path,
+    files: Path,
+    base_url: str,
+    info_path: Path,
+    seed: int = 0,
+    stages: tuple[int, ...] = (1, 2, 3),
+) -> Path:
+    """Build the demo corpus (of these stages' datasets), publish it under `repos` (Hub repositories) and
+    `files` (plain URLs, served at base_url), and write the dataset_info.json whose sources point there."""
     work = info_path.parent / "demo-corpus-build"
     shutil.rmtree(work, ignore_errors=True)
-    build_demo_corpus(work, seed=seed, url_root=files, base_url=base_url)
+    build_demo_corpus(work, seed=seed, url_root=files, base_url=base_url, stages=stages)
     raw = json.loads(resource_path("dataset_info.json").read_text(encoding="utf-8"))
     meta_repo = repos / META_REPO
     published: dict[str, list[dict]] = {}
+    raw = {n: e for n, e in raw.items() if e["stage"] in stages}
     for spec in load_registry().values():
+        if spec.stage not in stages:
+            continue
         entry = raw[spec.name]
         meta = meta_repo / "meta_files" / spec.meta_file
         meta.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +151,9 @@ def publish_demo(repos: Path, files: Path, base_url: str, info_path: Path, seed:
 
 
 @contextmanager
-def demo_hub(folder: Path, seed: int = 0) -> Iterator[tuple[HubServer, Path]]:
+def demo_hub(
+    folder: Path, seed: int = 0, stages: tuple[int, ...] = (1, 2, 3)
+) -> Iterator[tuple[HubServer, Path]]:
     """Publish the demo corpus under folder and serve it on 127.0.0.1; yields (server, dataset_info.json).
     Point get at it with Hub(endpoint=server.url) or HF_ENDPOINT=server.url."""
     folder = Path(folder)
@@ -150,5 +162,7 @@ def demo_hub(folder: Path, seed: int = 0) -> Iterator[tuple[HubServer, Path]]:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
     with serve_hub(repos, files) as server:
-        info = publish_demo(repos, files, f"{server.url}/files", folder / "demo_dataset_info.json", seed)
+        info = publish_demo(
+            repos, files, f"{server.url}/files", folder / "demo_dataset_info.json", seed, stages
+        )
         yield server, info

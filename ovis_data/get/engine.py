@@ -110,7 +110,7 @@ def _fetch_files(unit: Unit, root: Path, opts: GetOptions, counter: _UnitBytes) 
         elif sf.hub is not None:
             path = hub_download(opts.hub, sf.hub, name, sf.revision, into, counter.add)
         else:
-            path = url_download(name, into / posixpath.basename(name.split("?")[0]), counter.add, size)
+            path = url_download(name, _download_path(unit, root, name), counter.add, size)
         try:
             verify(path, size, sha, what)
         except SourceFailed:
@@ -119,6 +119,12 @@ def _fetch_files(unit: Unit, root: Path, opts: GetOptions, counter: _UnitBytes) 
             raise
         paths.append(path)
     return paths
+
+
+def _download_path(unit: Unit, root: Path, name: str) -> Path:
+    if unit.source.url is not None and unit.source.manual is None:
+        return unit.downloads(root) / posixpath.basename(name.split("?")[0])
+    return unit.downloads(root) / name
 
 
 class _Manual(Exception):
@@ -132,6 +138,7 @@ def _drop(unit: Unit, root: Path, paths: list[Path]) -> None:
             forget_hub_file(into, name)
         else:
             path.unlink(missing_ok=True)
+            path.with_name(path.name + ".part").unlink(missing_ok=True)
 
 
 def _prune(folder: Path) -> None:
@@ -204,6 +211,10 @@ def run_plan(plan: Plan, opts: GetOptions, progress: Progress | None = None) -> 
         check_space(plan)
     results = [UnitResult(u, "failed", u.error) for u in plan.units if u.error is not None]
     results += [UnitResult(u, "already done") for u in plan.units if u.done]
+    if not opts.keep_archives:  # a run killed between a marker and the archive's deletion left it behind
+        for u in plan.units:
+            if u.done and u.role == "images" and u.source.pattern is None:
+                _drop(u, plan.root, [_download_path(u, plan.root, name) for name in u.files])
     todo = plan.todo()
     counter = _Bytes(sum(u.size or 0 for u in todo if u.source.manual is None), progress)
     # meta files first: they are small, and the missing-image count needs them
