@@ -155,44 +155,78 @@ def _prune(folder: Path) -> None:
         folder.rmdir()
 
 
-def run_unit(
-    unit: Unit, root: Path, opts: GetOptions, total: _Bytes, progress: Progress | None
+def _place(
+    unit: Unit, paths: list[Path], root: Path, opts: GetOptions, progress: Progress | None
 ) -> UnitResult:
-    started = time.monotonic()
-    counter, before = total.unit(), 0
+    """Verified file(s) to their place: a meta file renamed, an archive extracted and merged; then the
+    done-marker, then the archive deleted."""
+    payload = {"key": unit.key, "source": unit.label(), "size": sum(p.stat().st_size for p in paths)}
+    if unit.role != "images":
+        unit.target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(paths[0], unit.target)
+        _drop(unit, root, [paths[0]])  # renamed away already: this clears huggingface_hub's record
+        write_marker(file_marker(unit.target), payload)
+        return UnitResult(unit, "done", "", 0, 1)
+    staging = staging_dir(unit.target, unit.key)
+    clear(staging)  # what a killed run left half-extracted
+    staging.mkdir(parents=True)
+    on_file = (lambda n: progress(f"extracting {unit.label()}", n, 0)) if progress else None
     try:
-        paths = _fetch_files(unit, root, opts, counter)
-        payload = {"key": unit.key, "source": unit.label(), "size": sum(p.stat().st_size for p in paths)}
-        if unit.role != "images":
-            unit.target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(paths[0], unit.target)
-            _drop(unit, root, [paths[0]])  # renamed away already: this clears huggingface_hub's record
-            write_marker(file_marker(unit.target), payload)
-            return UnitResult(unit, "done", "", counter.done - before, 1, time.monotonic() - started)
-        staging = staging_dir(unit.target, unit.key)
-        clear(staging)  # what a killed run left half-extracted
-        staging.mkdir(parents=True)
-        on_file = (lambda n: progress(f"extracting {unit.label()}", n, 0)) if progress else None
-        try:
-            got = extract(paths, unit.source, staging, unit.label(), on_file, opts.max_ratio)
-            merge(staging, unit.target)
-        finally:
-            clear(staging)
-            with contextlib.suppress(OSError):  # image_dir/.get/staging, unless another unit stages there
-                staging.parent.rmdir()
-        payload["files"] = got.files
-        write_marker(image_marker(unit.target, unit.key), payload)
-        if not opts.keep_archives:
-            _drop(unit, root, paths)
-        detail = f"{got.files:,} files" + (f", {got.skipped:,} members left out" if got.skipped else "")
-        return UnitResult(unit, "done", detail, counter.done - before, got.files, time.monotonic() - started)
+        got = extract(paths, unit.source, staging, unit.label(), on_file, opts.max_ratio)
+        merge(staging, unit.target)
+    finally:
+        clear(staging)
+        with contextlib.suppress(OSError):  # image_dir/.get/staging, unless another unit stages there
+            staging.parent.rmdir()
+    payload["files"] = got.files
+    write_marker(image_marker(unit.target, unit.key), payload)
+    if not opts.keep_archives:
+        _drop(unit, root, paths)
+    detail = f"{got.files:,} files" + (f", {got.skipped:,} members left out" if got.skipped else "")
+    return UnitResult(unit, "done", detail, 0, got.files)
+
+
+def _guarded(unit: Unit, counter: _UnitBytes, started: float, work: Callable[[], object]) -> object:
+    """work(), with a failure turned into this unit's result: the other units go on."""
+    try:
+        return work()
     except _Manual as e:
         return UnitResult(unit, "manual", str(e), 0, 0, time.monotonic() - started)
     except SourceFailed as e:
-        return UnitResult(unit, "failed", str(e), counter.done - before, 0, time.monotonic() - started)
+        return UnitResult(unit, "failed", str(e), counter.done, 0, time.monotonic() - started)
     except OSError as e:  # a full disk, a permission: this source fails, the others go on
         detail = f"{unit.label()}: {e.strerror or e}: {e.filename or ''}".rstrip(": ")
-        return UnitResult(unit, "failed", detail, counter.done - before, 0, time.monotonic() - started)
+        return UnitResult(unit, "failed", detail, counter.done, 0, time.monotonic() - started)
+
+
+def _run_units(todo: list[Unit], root: Path, opts: GetOptions, total: _Bytes, progress: Progress | None):
+    """Downloads `jobs` at a time; each verified download is handed to an extraction pool, so the next
+    downloads run while earlier archives are extracted."""
+    cores = os.cpu_count() or 1
+    with (
+        ThreadPoolExecutor(max(1, min(opts.jobs, cores)), thread_name_prefix="ovis-get-x") as extractors,
+        ThreadPoolExecutor(max(1, opts.jobs), thread_name_prefix="ovis-get-dl") as downloaders,
+    ):
+
+        def start(unit: Unit) -> object:
+            started, counter = time.monotonic(), total.unit()
+            paths = _guarded(unit, counter, started, lambda: _fetch_files(unit, root, opts, counter))
+            if isinstance(paths, UnitResult):
+                return paths
+
+            def finish() -> object:
+                r = _guarded(unit, counter, started, lambda: _place(unit, paths, root, opts, progress))
+                assert isinstance(r, UnitResult)
+                r.bytes, r.seconds = counter.done, time.monotonic() - started
+                return r
+
+            return extractors.submit(finish)
+
+        results = []
+        for fut in [downloaders.submit(start, u) for u in todo]:
+            r = fut.result()
+            results.append(r if isinstance(r, UnitResult) else r.result())  # type: ignore[attr-defined]
+        return results
 
 
 def check_space(plan: Plan) -> None:
@@ -219,8 +253,7 @@ def run_plan(plan: Plan, opts: GetOptions, progress: Progress | None = None) -> 
     counter = _Bytes(sum(u.size or 0 for u in todo if u.source.manual is None), progress)
     # meta files first: they are small, and the missing-image count needs them
     todo.sort(key=lambda u: (u.role == "images", -(u.size or 0)))
-    with ThreadPoolExecutor(max(1, opts.jobs), thread_name_prefix="ovis-get") as pool:
-        results += list(pool.map(lambda u: run_unit(u, plan.root, opts, counter, progress), todo))
+    results += _run_units(todo, plan.root, opts, counter, progress)
     _prune(plan.root / "downloads")
     for key, (marker, payload) in plan.groups.items():
         members = [r for r in results if r.unit.group == key]
