@@ -175,6 +175,10 @@ def _parse_file(where: _Where, raw: object, image: bool) -> SourceFile:
             raise where.error("a 'manual' source takes 'path' (the file name) and an optional 'url' only")
         if path is None or "/" in path or path in (".", ".."):
             raise where.error("a 'manual' source needs 'path': the plain file name the user puts in place")
+    elif hub is None and url is None and isinstance(parts, list) and parts and isinstance(parts[0], str):
+        url = parts[0]  # a split archive by URL: its parts are the URLs (checked below like 'url')
+        if not all(isinstance(p, str) and p.startswith(("http://", "https://")) for p in parts):
+            raise where.error("'parts' without 'hub' must be a list of http(s) URLs")
     elif (hub is None) == (url is None):
         raise where.error("needs exactly one of 'hub' (a Hub dataset repo), 'url' or 'manual'")
     if hub is not None:

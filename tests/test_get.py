@@ -70,6 +70,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     third = len(whole) // 3 + 1
     for k in range(3):
         (r / f"split.zip.00{k + 1}").write_bytes(whole[k * third : (k + 1) * third])
+        (files / f"split.zip.00{k + 1}").parent.mkdir(parents=True, exist_ok=True)
+        (files / f"split.zip.00{k + 1}").write_bytes(whole[k * third : (k + 1) * third])
     _tar(r / "pre.tar.gz", {f"top/images/{n}": d for n, d in IMGS.items()} | {"top/README": b"x"}, "w:gz")
     rows = [{"bytes": d, "path": n} for n, d in IMGS.items()]
     (r / "data").mkdir()
@@ -136,6 +138,8 @@ def test_formats_layouts_and_rerun(hub, tmp_path: Path) -> None:
             {"hub": "t/imgs", "path": "plain.zip", **digest}]},
         "split": {"meta_file": META, "images": [
             {"hub": "t/imgs", "parts": [f"split.zip.00{k}" for k in (1, 2, 3)], "strip": "x/"}]},
+        "urlsplit": {"images": [{"parts": [f"{hub.url}/files/split.zip.00{k}" for k in (1, 2, 3)],
+                                 "strip": "x/"}]},
         "tgz": {"meta_file": META, "images": [TGZ]},
         "parq": {"meta_file": META, "images": [{"hub": "t/imgs", "path": "data/train.parquet"}]},
         "partial": {"meta_file": META, "images": [
@@ -147,7 +151,7 @@ def test_formats_layouts_and_rerun(hub, tmp_path: Path) -> None:
     root = tmp_path / "root"
     out = _run(hub, info, root)
     assert out.exit_code == 0, [r.detail for r in out.results]
-    for d in ("zipped", "split", "tgz", "parq"):
+    for d in ("zipped", "split", "urlsplit", "tgz", "parq"):
         assert _images(root / "images" / d) == IMGS, d
     assert _images(root / "images" / "partial") == {f"from_zip/{k}": v for k, v in IMGS.items()}
     assert (root / "meta_files" / "meta.json").read_bytes() == (hub.repos / "t/meta/meta.json").read_bytes()
@@ -359,8 +363,16 @@ def test_stage3_from_an_empty_root_validates_with_no_missing_image(demo, tmp_pat
 
 
 def test_own_dataset_get_then_validate(hub, tmp_path: Path) -> None:
-    info = _info(tmp_path, {"mine": {"meta_file": META, "images": [{"hub": "t/imgs", "path": "plain.zip"}]}})
+    size = (hub.repos / "t/imgs/plain.zip").stat().st_size
+    info = _info(
+        tmp_path,
+        {"mine": {"meta_file": META, "images": [{"hub": "t/imgs", "path": "plain.zip", "size": size}]}},
+    )
     env, root = _hf_env(hub, tmp_path), str(tmp_path / "root")
+    out = _cli("list", "--dataset-info", str(info), env={"COLUMNS": "200"})
+    assert f"hub, {size / 1000:.1f} KB + 1 unrecorded" in out.stdout, (
+        out.stdout
+    )  # the meta file's size is not recorded
     out = _cli("get", "mine", "--dataset-info", str(info), "--root", root, env=env)
     assert out.returncode == 0 and "missing images: none" in out.stdout, out.stdout + out.stderr
     report = tmp_path / "v.json"
