@@ -14,10 +14,10 @@ from pathlib import PurePosixPath
 from .errors import OvisDataError
 
 FORMATS = ("zip", "tar", "parquet", "file")
-_FILE_KEYS = {"hub", "url", "path", "revision", "size", "sha256", "note"}
+_FILE_KEYS = {"hub", "url", "path", "revision", "size", "approx_size", "sha256", "note"}
 _IMAGE_KEYS = _FILE_KEYS | {
-    "pattern", "parts", "manual", "format", "strip", "into", "include", "image_column", "name_column",
-    "name_template",
+    "pattern", "parts", "parts_pattern", "manual", "format", "strip", "into", "include", "flatten",
+    "image_column", "name_column", "name_template",
 }  # fmt: skip
 
 
@@ -30,14 +30,17 @@ class SourceFile:
     path: str | None = None  # file in the repo (hub) or, for manual, the file name the user puts in place
     pattern: str | None = None  # hub: every repo file matching this glob, each its own archive
     parts: tuple[str, ...] = ()  # a split archive: repo paths (hub) or URLs, concatenated in this order
+    parts_pattern: str | None = None  # hub: a split archive whose parts are the matching files, by name
     manual: str | None = None  # the instruction a person must follow
     revision: str = "main"
     size: int | tuple[int, ...] | None = None
+    approx_size: int | tuple[int, ...] | None = None  # from a rounded listing: planning only, never verified
     sha256: str | tuple[str, ...] | None = None
     format: str | None = None
     strip: str = ""
     into: str = ""
     include: tuple[str, ...] = ()
+    flatten: bool = False  # keep only each member's base name (after strip, before into), as `unzip -j`
     image_column: str = "image"
     name_column: str | None = None
     name_template: str | None = None
@@ -50,7 +53,7 @@ class SourceFile:
     def identity(self) -> str:
         """A short stable hash of everything that decides the resulting files (notes excluded): a done
         marker is only trusted while its source entry is unchanged."""
-        raw = {k: v for k, v in self.__dict__.items() if k != "note"}
+        raw = {k: v for k, v in self.__dict__.items() if k not in ("note", "approx_size")}
         text = json.dumps(raw, sort_keys=True, default=list)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -67,6 +70,7 @@ class SourceFile:
             self.path
             or self.pattern
             or (f"{self.parts[0]} (+{len(self.parts) - 1} parts)" if self.parts else "")
+            or f"{self.parts_pattern} (parts)"
         )
         if self.hub is None:
             what = self.url or what
@@ -101,8 +105,9 @@ class Source:
         for f in (self.meta_file, self.url_list, *self.images):
             if f is None or f.manual is not None and f.size is None:
                 continue
-            sizes = f.size if isinstance(f.size, tuple) else (f.size,)
-            if f.pattern is not None or None in sizes:
+            known = f.size if f.size is not None else f.approx_size
+            sizes = known if isinstance(known, tuple) else (known,)
+            if f.pattern is not None or f.parts_pattern is not None and known is None or None in sizes:
                 unknown += 1
             else:
                 total += sum(s for s in sizes if s is not None)
@@ -132,12 +137,12 @@ def _safe_rel(where: _Where, key: str, value: str) -> str:
     return value.rstrip("/") + "/"
 
 
-def _sizes(where: _Where, raw: dict, n_parts: int) -> tuple[object, object]:
-    size, sha = raw.get("size"), raw.get("sha256")
+def _sizes(where: _Where, raw: dict, n_parts: int, key: str = "size") -> tuple[object, object]:
+    size, sha = raw.get(key), raw.get("sha256")
 
     def one_size(v: object) -> int:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise where.error(f"'size' must be a byte count (int >= 0), got {v!r}")
+            raise where.error(f"'{key}' must be a byte count (int >= 0), got {v!r}")
         return v
 
     def one_sha(v: object) -> str:
@@ -147,7 +152,7 @@ def _sizes(where: _Where, raw: dict, n_parts: int) -> tuple[object, object]:
 
     if isinstance(size, list):
         if len(size) != n_parts:
-            raise where.error(f"'size' lists {len(size)} values for {n_parts} parts")
+            raise where.error(f"'{key}' lists {len(size)} values for {n_parts} parts")
         size = tuple(one_size(v) for v in size)
     elif size is not None:
         size = one_size(size)
@@ -169,9 +174,9 @@ def _parse_file(where: _Where, raw: object, image: bool) -> SourceFile:
         raise where.error(f"unknown keys {unknown}; known: {sorted(allowed)}")
     hub, url, manual = _str(where, raw, "hub"), _str(where, raw, "url"), _str(where, raw, "manual")
     path, pattern = _str(where, raw, "path"), _str(where, raw, "pattern")
-    parts = raw.get("parts")
+    parts, parts_pattern = raw.get("parts"), _str(where, raw, "parts_pattern")
     if manual is not None:
-        if hub is not None or pattern is not None or parts is not None:
+        if hub is not None or pattern is not None or parts is not None or parts_pattern is not None:
             raise where.error("a 'manual' source takes 'path' (the file name) and an optional 'url' only")
         if path is None or "/" in path or path in (".", ".."):
             raise where.error("a 'manual' source needs 'path': the plain file name the user puts in place")
@@ -184,15 +189,19 @@ def _parse_file(where: _Where, raw: object, image: bool) -> SourceFile:
     if hub is not None:
         if hub.count("/") != 1:
             raise where.error(f"'hub' must be OWNER/NAME, got {hub!r}")
-        given = [k for k in ("path", "pattern", "parts") if raw.get(k) is not None]
+        given = [k for k in ("path", "pattern", "parts", "parts_pattern") if raw.get(k) is not None]
         if len(given) != 1:
-            raise where.error("a 'hub' source needs exactly one of 'path', 'pattern' or 'parts'")
+            raise where.error(
+                "a 'hub' source needs exactly one of 'path', 'pattern', 'parts' or 'parts_pattern'"
+            )
+    elif parts_pattern is not None:
+        raise where.error("'parts_pattern' only applies to 'hub' sources")
     if manual is None and url is not None and (path is not None or pattern is not None):
         raise where.error("a 'url' source takes the URL itself (or 'parts': a list of URLs), not 'path'")
     if url is not None and not url.startswith(("http://", "https://")):
         raise where.error(f"'url' must be http(s)://..., got {url!r}")
-    if pattern is not None and not image:
-        raise where.error("'pattern' only applies to images")
+    if (pattern is not None or parts_pattern is not None) and not image:
+        raise where.error("'pattern'/'parts_pattern' only apply to images")
     if parts is not None and (
         not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p for p in parts)
     ):
@@ -201,10 +210,16 @@ def _parse_file(where: _Where, raw: object, image: bool) -> SourceFile:
     if revision != "main" and hub is None:
         raise where.error("'revision' only applies to 'hub' sources")
     size, sha = _sizes(where, raw, len(parts) if parts else 1)
-    if parts is None and (isinstance(size, tuple) or isinstance(sha, tuple)):
-        raise where.error("'size'/'sha256' lists only go with 'parts'")
-    if pattern is not None and (size is not None or sha is not None):
-        raise where.error("'size'/'sha256' cannot be given for a 'pattern' (it matches several files)")
+    approx, _ = _sizes(where, raw, len(parts) if parts else 1, "approx_size")
+    if parts is None and any(isinstance(v, tuple) for v in (size, sha, approx)):
+        raise where.error("'size'/'approx_size'/'sha256' lists only go with 'parts'")
+    if (pattern is not None or parts_pattern is not None) and (size is not None or sha is not None):
+        raise where.error(
+            "'size'/'sha256' cannot be given for a pattern (the listing gives each file's size)"
+        )
+    flatten = raw.get("flatten", False)
+    if not isinstance(flatten, bool):
+        raise where.error(f"'flatten' must be true or false, got {flatten!r}")
     fmt = raw.get("format")
     if fmt is not None and fmt not in FORMATS:
         raise where.error(f"'format' must be one of {list(FORMATS)}, got {fmt!r}")
@@ -225,14 +240,17 @@ def _parse_file(where: _Where, raw: object, image: bool) -> SourceFile:
         path=path,
         pattern=pattern,
         parts=tuple(parts or ()),
+        parts_pattern=parts_pattern,
         manual=manual,
         revision=revision or "main",
         size=size,  # type: ignore[arg-type]
+        approx_size=approx,  # type: ignore[arg-type]
         sha256=sha,  # type: ignore[arg-type]
         format=fmt,
         strip=_safe_rel(where, "strip", strip) if strip else "",
         into=_safe_rel(where, "into", into) if into else "",
         include=tuple(include),
+        flatten=flatten,
         image_column=_str(where, raw, "image_column", "image") or "image",
         name_column=name_column,
         name_template=name_template,
@@ -252,7 +270,7 @@ def parse_source(file: object, entry: str, raw: object, has_images: bool, has_ur
     meta = None
     if raw.get("meta_file") is not None:
         meta = _parse_file(_Where(file, entry, "meta_file"), raw["meta_file"], image=False)
-        if meta.manual is not None or meta.parts:
+        if meta.manual is not None or meta.parts or meta.parts_pattern:
             raise _Where(file, entry, "meta_file").error("must be one 'hub' file (with 'path') or one 'url'")
     url_list = None
     if raw.get("url_list") is not None:

@@ -194,6 +194,8 @@ def map_name(name: str, sf: SourceFile) -> str | None:
         return None
     if sf.include and not any(fnmatch(rel, g) for g in sf.include):
         return None
+    if sf.flatten:
+        rel = rel.rsplit("/", 1)[-1]
     return sf.into + rel
 
 

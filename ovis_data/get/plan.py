@@ -89,7 +89,7 @@ def _file_unit(role: str, spec: DatasetSpec, sf: SourceFile, target: Path) -> Un
     what = sf.path if sf.hub is not None else sf.url
     assert what is not None
     key = _key(role, str(target.name), sf.identity())
-    unit = Unit(key, role, spec.name, sf, (what,), (sf.size,), (sf.sha256,), target)  # type: ignore[arg-type]
+    unit = Unit(key, role, spec.name, sf, (what,), (_planned(sf),), (sf.sha256,), target)  # type: ignore[arg-type]
     marker = read_marker(file_marker(target))
     unit.done = bool(
         marker
@@ -100,33 +100,41 @@ def _file_unit(role: str, spec: DatasetSpec, sf: SourceFile, target: Path) -> Un
     return unit
 
 
-def _image_units(spec: DatasetSpec, sf: SourceFile, root: Path, hub: Hub, probe: bool) -> list[Unit]:
+def _planned(sf: SourceFile) -> object:
+    """The size a plan counts on: the exact one, else the approximate one (a rounded listing)."""
+    return sf.size if sf.size is not None else sf.approx_size
+
+
+def _image_units(spec: DatasetSpec, sf: SourceFile, root: Path, hub: Hub) -> list[Unit]:
     image_dir = spec.image_path(root)
     assert image_dir is not None
     base = _key("images", spec.image_dir or "", sf.identity())
     n = len(sf.parts) or 1
+    listed = sf.pattern or sf.parts_pattern
     if sf.manual is not None:
         files: tuple[str, ...] = (sf.path or "",)
     elif sf.parts:
         files = sf.parts
-    elif sf.pattern is None:
+    elif listed is None:
         files = (sf.path if sf.hub is not None else sf.url,)  # type: ignore[assignment]
     else:
         marker = read_marker(image_marker(image_dir, base))
-        if marker is not None and marker.get("key") == base:  # every file of the pattern is in place
-            unit = Unit(base, "images", spec.name, sf, (sf.pattern,), (None,), (None,), image_dir, done=True)
-            return [unit]
+
+        def whole(**kw: object) -> Unit:
+            return Unit(base, "images", spec.name, sf, (listed,), (None,), (None,), image_dir, **kw)  # type: ignore[arg-type]
+
+        if marker is not None and marker.get("key") == base:  # every file it matches is in place
+            return [whole(done=True)]
         try:
-            matched = hub_list(hub, sf.hub or "", sf.revision, sf.pattern)
+            matched = hub_list(hub, sf.hub or "", sf.revision, listed)
         except SourceFailed as e:
-            return [
-                Unit(base, "images", spec.name, sf, (sf.pattern,), (None,), (None,), image_dir, error=str(e))
-            ]
+            return [whole(error=str(e))]
         if not matched:
-            error = f"{sf.hub}: no file matches {sf.pattern!r}"
-            return [
-                Unit(base, "images", spec.name, sf, (sf.pattern,), (None,), (None,), image_dir, error=error)
-            ]
+            return [whole(error=f"{sf.hub}: no file matches {listed!r}")]
+        if sf.parts_pattern is not None:  # one split archive: the matches, in name order, are its parts
+            names = tuple(p for p, _ in matched)
+            sizes = tuple(s for _, s in matched)
+            return [Unit(base, "images", spec.name, sf, names, sizes, (None,) * len(names), image_dir)]
         units = []
         for path, size in matched:
             key = _key(base, path)
@@ -134,7 +142,9 @@ def _image_units(spec: DatasetSpec, sf: SourceFile, root: Path, hub: Hub, probe:
             unit.done = (read_marker(image_marker(image_dir, key)) or {}).get("key") == key
             units.append(unit)
         return units
-    unit = Unit(base, "images", spec.name, sf, files, _tuple(sf.size, n), _tuple(sf.sha256, n), image_dir)
+    unit = Unit(
+        base, "images", spec.name, sf, files, _tuple(_planned(sf), n), _tuple(sf.sha256, n), image_dir
+    )
     unit.done = (read_marker(image_marker(image_dir, base)) or {}).get("key") == base
     return [unit]
 
@@ -190,7 +200,7 @@ def make_plan(specs: list[DatasetSpec], root: Path, hub: Hub, meta_only: bool, p
         if meta_only:
             continue
         for sf in src.images:
-            for unit in _image_units(spec, sf, root, hub, probe):
+            for unit in _image_units(spec, sf, root, hub):
                 add(unit, spec)
                 if unit.group is not None:
                     marker = image_marker(unit.target, unit.group)
