@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,14 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     (files / "many.zip").parent.mkdir(parents=True, exist_ok=True)
     many = {f"m/{i:05d}.jpg": rng.randbytes(700) for i in range(2500)}
     _zip(files / "many.zip", many)
+    if shutil.which("zip"):  # a spanned zip as Info-ZIP writes it (zip -s): parts .z01 ... then .zip
+        src = base / "span-src"
+        for name, data in IMGS.items():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            (src / name).write_bytes(data)
+        (repos / "t" / "span").mkdir(parents=True)
+        cmd = ["zip", "-q", "-r", "-s", "64k", str(repos / "t/span/images.zip"), "."]
+        subprocess.run(cmd, cwd=src, check=True)
     with serve_hub(repos, files, gated={"t/gated": {TOKEN}}) as server:
         yield server
 
@@ -164,6 +173,24 @@ def test_formats_layouts_and_rerun(hub, tmp_path: Path) -> None:
     again = _run(hub, info, root)
     assert {r.status for r in again.results} == {"already done"}
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+@pytest.mark.skipif(shutil.which("zip") is None, reason="needs Info-ZIP's zip to make a spanned archive")
+def test_spanned_zip_by_parts_pattern_and_flatten(hub, tmp_path: Path) -> None:
+    assert len(list((hub.repos / "t/span").glob("images.z*"))) >= 2
+    info = _info(tmp_path, {
+        "span": {"images": [{"hub": "t/span", "parts_pattern": "images.z*", "format": "zip"}]},
+        "flat": {"images": [{"hub": "t/imgs", "path": "plain.zip", "include": ["a/*"], "flatten": True,
+                             "into": "images/"}]},
+    })  # fmt: skip
+    out = _run(hub, info, tmp_path / "root")
+    assert out.exit_code == 0, [r.detail for r in out.results]
+    assert _images(tmp_path / "root/images/span") == IMGS
+    assert _images(tmp_path / "root/images/flat") == {
+        f"images/{k[2:]}": v for k, v in IMGS.items() if k[0] == "a"
+    }
+    again = _run(hub, info, tmp_path / "root")  # done-markers: no listing needed to know it is done
+    assert {r.status for r in again.results} == {"already done"}
 
 
 def test_source_errors_name_file_entry_and_key(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from typing import BinaryIO
 
 from ..sources import SourceFile
 from .download import SourceFailed
+from .spanned import is_spanned, spanned_members
 
 MAX_RATIO = 100.0  # output bytes per archive byte; images barely compress, bombs reach thousands
 RATIO_SLACK = 8 << 20  # small archives of text may expand more: this much is always allowed
@@ -159,7 +160,10 @@ def _parquet_members(stream: BinaryIO, sf: SourceFile, label: str) -> Iterator[M
 
 def members(fmt: str, stream: BinaryIO, sf: SourceFile, label: str, name: str) -> Iterator[Member]:
     try:
-        if fmt == "zip":
+        if fmt == "zip" and is_spanned(stream):
+            for name, is_dir, reader in spanned_members(stream, label):
+                yield Member(name, "dir") if is_dir else Member(name, "file", open=lambda r=reader: r)  # type: ignore[misc]
+        elif fmt == "zip":
             yield from _zip_members(stream)
         elif fmt == "tar":
             yield from _tar_members(stream)
