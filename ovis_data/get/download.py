@@ -144,20 +144,13 @@ def hub_list(hub: Hub, repo: str, revision: str, pattern: str) -> list[tuple[str
     from huggingface_hub.hf_api import RepoFile
 
     _quiet_hub()
-    for attempt in range(RETRIES + 1):
-        try:
-            tree = HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_tree(
-                repo, repo_type="dataset", revision=revision, recursive=True
-            )
-            return sorted(
-                (f.path, f.size) for f in tree if isinstance(f, RepoFile) and fnmatch(f.path, pattern)
-            )
-        except Exception as e:
-            if attempt < RETRIES and _transient(e):
-                time.sleep(BACKOFF_S * 2**attempt)
-                continue
-            raise _hub_error(e, hub, repo, f"listing for {pattern!r}") from e
-    raise AssertionError("unreachable")
+    try:
+        tree = HfApi(endpoint=hub.endpoint, token=hub.token).list_repo_tree(
+            repo, repo_type="dataset", revision=revision, recursive=True
+        )
+        return sorted((f.path, f.size) for f in tree if isinstance(f, RepoFile) and fnmatch(f.path, pattern))
+    except Exception as e:  # huggingface_hub retries transient failures of API calls itself
+        raise _hub_error(e, hub, repo, f"listing for {pattern!r}") from e
 
 
 def hub_sizes(hub: Hub, repo: str, revision: str, paths: list[str]) -> dict[str, int]:
@@ -245,7 +238,7 @@ def url_size(url: str) -> int | None:
     """Content-Length of a HEAD request, None when the server does not say."""
 
     async def head() -> int | None:
-        timeout = aiohttp.ClientTimeout(total=30)
+        timeout = aiohttp.ClientTimeout(total=10)
         headers = {"Accept-Encoding": "identity"}
         async with (
             aiohttp.ClientSession(timeout=timeout) as s,

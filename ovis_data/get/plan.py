@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,26 +151,35 @@ def _image_units(spec: DatasetSpec, sf: SourceFile, root: Path, hub: Hub) -> lis
 
 
 def _probe_sizes(units: list[Unit], hub: Hub) -> None:
-    """Ask the servers for the sizes that are not recorded (HEAD for URLs, paths-info for the Hub)."""
+    """Ask the servers, all at once, for the sizes that are not recorded (HEAD for URLs, paths-info for
+    the Hub); an unreachable server leaves the size unknown."""
     by_repo: dict[tuple[str, str], list[Unit]] = {}
+    urls: list[Unit] = []
     for u in units:
         if u.done or u.error or u.size is not None or u.source.manual is not None:
             continue
         if u.source.hub is not None:
             by_repo.setdefault((u.source.hub, u.source.revision), []).append(u)
         else:
-            u.sizes = tuple(
-                s if s is not None else url_size(f) for s, f in zip(u.sizes, u.files, strict=True)
-            )
-    for (repo, rev), group in by_repo.items():
+            urls.append(u)
+
+    def one_url(u: Unit) -> None:
+        u.sizes = tuple(s if s is not None else url_size(f) for s, f in zip(u.sizes, u.files, strict=True))
+
+    def one_repo(item: tuple[tuple[str, str], list[Unit]]) -> None:
+        (repo, rev), group = item
         try:
             sizes = hub_sizes(hub, repo, rev, sorted({f for u in group for f in u.files}))
         except SourceFailed:
-            continue  # the run itself reports what is wrong with the repo
+            return  # the run itself reports what is wrong with the repo
         for u in group:
             u.sizes = tuple(
                 s if s is not None else sizes.get(f) for s, f in zip(u.sizes, u.files, strict=True)
             )
+
+    with ThreadPoolExecutor(16, thread_name_prefix="ovis-get-probe") as pool:
+        list(pool.map(one_url, urls))
+        list(pool.map(one_repo, by_repo.items()))
 
 
 def make_plan(specs: list[DatasetSpec], root: Path, hub: Hub, meta_only: bool, probe: bool) -> Plan:
