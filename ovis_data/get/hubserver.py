@@ -185,7 +185,6 @@ async def _cut(request: web.Request, path: Path, headers: dict) -> web.StreamRes
     with open(path, "rb") as f:
         f.seek(start)
         await resp.write(f.read(span // 2))
-    await resp.drain()
     if request.transport is not None:
         request.transport.close()
     return resp
