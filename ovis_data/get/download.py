@@ -61,6 +61,10 @@ def _hub_error(e: Exception, hub: Hub, repo: str, what: str) -> SourceFailed:
             f"{repo}: {kind} dataset repository (HTTP {status}): accept its terms at "
             f"{hub.base()}/datasets/{repo} with your account, then set HF_TOKEN or run `hf auth login`"
         )
+    if type(e).__name__ == "LocalEntryNotFoundError":  # huggingface_hub's word for "could not connect"
+        return SourceFailed(
+            f"{repo}: {what}: cannot reach {hub.base()} (no connection, or a wrong HF_ENDPOINT?)"
+        )
     if isinstance(e, RevisionNotFoundError):
         return SourceFailed(f"{repo}: revision of {what} not found on the Hub")
     if isinstance(e, RemoteEntryNotFoundError):
