@@ -1,4 +1,5 @@
-"""The demo pipeline on the built-in corpus: corpus -> fetch -> validate -> pack (3 stages) -> tiny model."""
+"""The demo pipeline on the built-in corpus: corpus on a local Hub -> get (and fetch) -> validate -> pack
+(3 stages) -> tiny model."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .demo_corpus import build_demo_corpus
-from .fetch import FetchOptions, NetParams, fetch_datasets, serve_directory
+from .fetch import FetchOptions, NetParams
+from .get import GetOptions, Hub, get
+from .get.demo_hub import demo_hub
+from .get.report import summary_table as get_summary
 from .pack.stage import pack_stage
 from .pack.tokenize import bundled_qwen_tokenizer_dir
 from .registry import load_registry
@@ -121,8 +124,8 @@ def run_demo(
     console = console or Console()
     out = Path(out)
     root = out / "data"
-    web = out / "web"  # what the demo's local image server publishes at its URLs
-    for stale in (root, web, out / "packed", out / "run", out / "parts"):
+    hub = out / "hub"  # the demo corpus published as Hub repositories and plain files, served locally
+    for stale in (root, hub, out / "web", out / "packed", out / "run", out / "parts"):
         if stale.exists():
             shutil.rmtree(stale)
     registry = load_registry()
@@ -133,14 +136,19 @@ def run_demo(
         step += 1
         console.print(f"\n[bold]{step}/6[/] {text}", soft_wrap=True)
 
-    web.mkdir(parents=True)
-    with serve_directory(web) as base_url:
-        header(f"building the demo corpus of all {len(registry)} datasets in {root}")
-        build_demo_corpus(root, seed=seed, url_root=web, base_url=base_url)
-        header(f"fetching the URL datasets (coyo-10m, the cc12m pair) from a local server at {base_url}")
-        # The server is on loopback, which fetch refuses by default: the demo lifts that, as a user would.
+    header(f"publishing a demo corpus of all {len(registry)} datasets on a local Hub-compatible server")
+    with demo_hub(hub, seed=seed) as (server, info):
+        header(
+            f"getting it with ovis-data get from {server.url} (as HF_ENDPOINT) into {root}: meta files, "
+            "archives verified and extracted, URL datasets' images through fetch"
+        )
+        # The image URLs are on loopback, which fetch refuses by default: the demo lifts that, as a user
+        # would.
         options = FetchOptions(net=NetParams(allow_private=True), processes=processes or 0)
-        fetch_datasets(None, root, options, registry=registry, console=console)
+        sources = load_registry(info)
+        got = get(list(sources.values()), root, GetOptions(hub=Hub(server.url, token=False)), None, options,
+                  sources, console)  # fmt: skip
+        console.print(get_summary(got.results, got.gaps))
 
     header("validating it (image headers, all cores)")
     results = [validate_dataset(spec, root, processes=processes) for spec in registry.values()]
