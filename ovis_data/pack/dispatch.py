@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..lifeline import exit_with
 from .worker import PackConfig, PackWorker, Unit
 
 Progress = Callable[[str, int, int], None]  # (phase "tokenize" | "write", samples | records done, total)
@@ -25,6 +26,11 @@ def _init_worker(cfg: PackConfig, backend_json: str, units: list[Unit] | None, b
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes are the parallelism here
     _worker = PackWorker(cfg, backend_json, units, bases)
+
+
+def _init_pool_worker(owner: int, *init: Any) -> None:
+    exit_with(owner)  # a SIGKILLed pack leaves no worker behind
+    _init_worker(*init)
 
 
 def _call(fn: Callable, *args: Any) -> Any:
@@ -62,7 +68,10 @@ def _run(
                 progress(label, done, total)
         return results
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+    pool = ProcessPoolExecutor(
+        processes, mp_context=ctx, initializer=_init_pool_worker, initargs=(os.getpid(), *init)
+    )
+    with pool:
         futures = {pool.submit(_call, fn, *t): w for t, w in zip(tasks, weights, strict=True)}
         for fut in as_completed(futures):
             results.append(fut.result())

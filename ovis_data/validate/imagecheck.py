@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
+from ..lifeline import exit_with
 from ..storage import as_path, read_range
 
 # Pillow's default limit (about 89.5 megapixels): a larger image is treated as a decompression bomb.
@@ -142,7 +143,9 @@ def check_images(
     # forkserver: the caller runs DuckDB's threads; forking a multi-threaded process can deadlock the child
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+    # exit_with: a SIGKILLed validate leaves no worker behind
+    pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=exit_with, initargs=(os.getpid(),))
+    with pool:
         # map() submits everything up front; bound the in-flight chunks so 10M paths never sit in memory.
         pending = []
         for task in tasks:
