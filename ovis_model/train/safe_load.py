@@ -9,6 +9,7 @@ tensors and plain containers (found by loading ZeRO-2 and ZeRO-3 checkpoints, fp
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,12 @@ def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
         with torch.serialization.safe_globals(allowed_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # the unpickler's errors have no common type
-        if "Weights only load failed" in str(e) or "Unsupported" in str(e):
-            what = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln), type(e).__name__)
+        if "Weights only load failed" in str(e) or "GLOBAL" in str(e):
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"it calls {found.group(1)}" if found else type(e).__name__
             raise UnsafeCheckpointError(
-                f"{path}: refused, it is not weights-only data ({what.split(' was not')[0]}); "
-                "a checkpoint from another source? Resume from a checkpoint this trainer wrote"
+                f"{path}: refused, it is not weights-only data ({what}); a checkpoint from another source? "
+                "Resume from a checkpoint this trainer wrote"
             ) from e
         raise
 
