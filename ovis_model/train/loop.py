@@ -173,7 +173,9 @@ def resume_from_checkpoint(
     step = int(all_reduce_sum([float(chosen + 1) if chosen is not None else 0.0], device)[0]) - 1
     if step < 0:
         raise TrainError(
-            f"--resume: no complete checkpoint in {ckpt_dir}" + (f" ({'; '.join(passed)})" if passed else "")
+            f"--resume: no complete checkpoint in {ckpt_dir}"
+            + (f" ({'; '.join(passed)})" if passed else "")
+            + ": remove that folder (or use another --out) to start the stage over"
         )
     try:
         state = checkpoint.load(engine, ckpt_dir, step)
