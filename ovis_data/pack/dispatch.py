@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..interrupt import cancel_pending, quiet_on_sigint, run_task
+from ..lifeline import exit_with
 from .worker import PackConfig, PackWorker, Unit
 
 Progress = Callable[[str, int, int], None]  # (phase "tokenize" | "write", samples | records done, total)
@@ -27,6 +28,11 @@ def _init_worker(cfg: PackConfig, backend_json: str, units: list[Unit] | None, b
     quiet_on_sigint()  # Ctrl-C: the running task stops (a shard's .tmp removed), no traceback
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes are the parallelism here
     _worker = PackWorker(cfg, backend_json, units, bases)
+
+
+def _init_pool_worker(owner: int, *init: Any) -> None:
+    exit_with(owner)  # a SIGKILLed pack leaves no worker behind
+    _init_worker(*init)
 
 
 def _call(fn: Callable, *args: Any) -> Any:
@@ -64,7 +70,10 @@ def _run(
                 progress(label, done, total)
         return results
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+    pool = ProcessPoolExecutor(
+        processes, mp_context=ctx, initializer=_init_pool_worker, initargs=(os.getpid(), *init)
+    )
+    with pool:
         futures = {pool.submit(_call, fn, *t): w for t, w in zip(tasks, weights, strict=True)}
         try:
             for fut in as_completed(futures):

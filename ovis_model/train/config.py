@@ -39,6 +39,7 @@ TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "save_every": (int, 500),
     "keep_checkpoints": (int, 3),
     "skip_bad_shards": (bool, False),
+    "max_lost_fraction": (float, 0.01),  # skip_bad_shards: stop when more of an epoch's records are lost
     "max_steps": (int, 0),  # 0: the schedule's length from the data
     "eval_every": (int, 0),  # steps between val losses (0: only at the end); needs a packed val split
     "keep_best": (bool, False),  # RUN/stageN/model_best: the model with the lowest val loss
