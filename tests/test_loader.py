@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ovis_data.pack.shards import Record, ShardWriter
+from ovis_data.shardformat import Record
+from ovis_data.shards import ShardWriter
 from ovis_model.batching import batch_to, count_targets, expand_image_placeholders
 from ovis_model.preprocess import OvisImageProcessor
 from ovis_model.tiny import random_packed_record
@@ -226,7 +227,7 @@ def test_undecodable_image_names_its_record_and_is_dropped_with_the_flag(
 ) -> None:
     import shutil
 
-    from ovis_data.pack.shards import read_records
+    from ovis_data.shards import read_records
 
     broken = tmp_path / "stage3"
     shutil.copytree(stage_dir, broken)
@@ -258,7 +259,7 @@ def test_shards_read_alike_through_the_header_walk_and_tarfile(stage_dir: Path, 
     import io
     import tarfile
 
-    from ovis_data.pack.shards import iter_records
+    from ovis_data.shards import iter_records
 
     src = stage_dir / "stage3-00000.tar"
     plain = list(iter_records(src))

@@ -46,8 +46,8 @@ from itertools import chain
 
 import numpy as np
 
-from .completion import _pack_buffer
-from .lp import _PRICE_SCALE, _lp_duals
+from .completion import pack_buffer
+from .lp import PRICE_SCALE, lp_duals
 
 DEFAULT_BUFFER = 65536
 DEFAULT_PASSES = 3
@@ -244,13 +244,13 @@ def item_values(lengths: np.ndarray, capacity: int, buffer_size: int = DEFAULT_B
     if not len(cls):
         return ln
     d = hist[cls] * (min(buffer_size, len(lengths)) / len(lengths))
-    y = _lp_duals(cls.astype(np.int64), d, cap // g)
+    y = lp_duals(cls.astype(np.int64), d, cap // g)
     if y is None:
         return ln
     per_class = np.zeros(cap // g + 1)
     per_class[cls] = y
     per_class = np.maximum.accumulate(per_class)  # monotone (the exchange columns make it so already)
-    units = np.rint(np.minimum(per_class, 1.0) * _PRICE_SCALE).astype(np.int64)
+    units = np.rint(np.minimum(per_class, 1.0) * PRICE_SCALE).astype(np.int64)
     return units[ln // g] * (2 * cap + 2) + ln
 
 
@@ -284,7 +284,7 @@ def pack_lengths(
     for start in range(0, n, buffer_size):
         items = np.concatenate((carried, perm[start : start + buffer_size]))
         last = start + buffer_size >= n
-        packs, poor = _pack_buffer(
+        packs, poor = pack_buffer(
             lengths[items],
             images[items],
             capacity,

@@ -15,6 +15,7 @@ import torch
 
 from ovis_data.errors import OvisDataError
 from ovis_data.recipes import select_recipe
+from ovis_data.shardformat import MANIFEST
 from ovis_data.storage import AnyPath, as_path
 
 from ..trainable import select_trainable, visual_sync_mode
@@ -77,7 +78,7 @@ def prepare(args: RunArgs) -> Prepared:
     except ConfigError as e:
         raise TrainError(str(e)) from e
     data_dir = as_path(args.data)  # a folder, or an object-store URL (s3://...)
-    if not (data_dir / "manifest.json").is_file() and (data_dir / f"stage{cfg.stage}").is_dir():
+    if not (data_dir / MANIFEST).is_file() and (data_dir / f"stage{cfg.stage}").is_dir():
         data_dir = data_dir / f"stage{cfg.stage}"  # --data OUT as given to `ovis-data pack --out`
     try:
         manifest, manifest_path = read_manifest(data_dir)
