@@ -26,7 +26,7 @@ from ovis_data.shardformat import placeholder_mismatch
 
 from .attention import default_attn_implementation, llm_attention_kwargs, positions_from_lengths
 from .chat import chat
-from .configuration import OvisConfig, VisualTokenizerConfig
+from .configuration import VISUAL_VOCAB_SIZE, OvisConfig, VisualTokenizerConfig
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from .embedding import VisualEmbedding
 from .preprocess import CONFIG_NAME as IMAGE_PROCESSOR_CONFIG
@@ -262,7 +262,7 @@ class Ovis(PreTrainedModel):
         cls,
         llm: str | os.PathLike,
         vit: str | os.PathLike,
-        visual_vocab_size: int = 131072,
+        visual_vocab_size: int = VISUAL_VOCAB_SIZE,
         tokenize_function: str = "softmax",
         tau: float = 1.0,
         use_indicators: bool = True,
