@@ -201,10 +201,6 @@ def test_two_ranks_torchrun(zero: int, packed: Path, parts: tuple[Path, Path], t
            "--vit", str(vit_dir), "--max-steps", "3", "--set", f"deepspeed=zero{zero}.json",
            "--set", 'trainable=["all"]', *FAST]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400, cwd=REPO)
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        cmd[4] = str(_free_port())  # a rare gloo abort in C++ at exit (see test_model_deepspeed): once more
-        shutil.rmtree(tmp_path / "stage1", ignore_errors=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "stage1"
     config = json.loads((run_dir / "config.json").read_text())

@@ -90,7 +90,7 @@ def train_command(
         ovis-train --recipe my_recipe.toml --dataset-info my_info.json --data /data/packed --out /runs/mine
     """
     from .loop import train
-    from .setup import RunArgs, TrainError
+    from .setup import RunArgs, TrainError, close_distributed
 
     args = RunArgs(
         data=data,
@@ -112,6 +112,7 @@ def train_command(
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    close_distributed()  # a finished run only: after an error, a rank may still wait in a collective
 
 
 def main() -> NoReturn:

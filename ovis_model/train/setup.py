@@ -137,6 +137,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
+def close_distributed() -> None:
+    """Tear the process group down while Python is whole, at the end of a run. Left to the interpreter's
+    exit, its C++ threads can outlive the objects they use and end the process in std::terminate
+    ("terminate called without an active exception"), a rank's exit status then failing the launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None) -> Ovis:
     """The stage's starting model in `dtype` (bf16 when training in bf16: DeepSpeed would cast it anyway,
     and loading it so halves host memory), checked against the manifest, the recipe's modules trainable."""
