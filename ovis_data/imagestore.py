@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import tarfile
 from pathlib import Path
 from typing import BinaryIO
@@ -38,18 +39,36 @@ SHARD_INDEX_SCHEMA = pa.schema([("image_path", pa.string()), ("offset", pa.int64
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+# Why an image path from a meta file may not be opened (it would escape image_dir): the first rule whose
+# pattern matches. One list for both uses: `unsafe_path_reason` (fetch, the readers: one path at a time)
+# and `unsafe_path_sql` (validate: millions of paths in DuckDB). The patterns are in the syntax Python's
+# re and DuckDB's RE2 share, `$` meaning the end of the text (Python reads it as \Z: its own `$` would
+# also match before a final newline).
+UNSAFE_PATH_RULES = (
+    ("empty path", r"^$"),
+    ("absolute path", r"^([/\\]|[A-Za-z]:)"),
+    ("NUL byte in path", r"\x00"),
+    ("'..' segment", r"(^|[/\\])\.\.([/\\]|$)"),
+)
+_UNSAFE_PATH = [(reason, re.compile(pattern.replace("$", r"\Z"))) for reason, pattern in UNSAFE_PATH_RULES]
+
+
 def unsafe_path_reason(image_path: str) -> str | None:
     """Why a meta-file image path may not be opened (it would escape image_dir), or None when it is safe."""
-    if not image_path:
-        return "empty path"
-    if image_path.startswith(("/", "\\")) or (len(image_path) > 1 and image_path[1] == ":"):
-        return "absolute path"
-    if "\x00" in image_path:
-        return "NUL byte in path"
-    parts = image_path.replace("\\", "/").split("/")
-    if ".." in parts:
-        return "'..' segment"
+    for reason, pattern in _UNSAFE_PATH:
+        if pattern.search(image_path):
+            return reason
     return None
+
+
+def unsafe_path_sql(column: str) -> str:
+    """`unsafe_path_reason` of the VARCHAR `column` as a DuckDB expression (NULL when the path is safe)."""
+
+    def text(value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+    whens = (f"WHEN regexp_matches({column}, {text(p)}) THEN {text(r)}" for r, p in UNSAFE_PATH_RULES)
+    return "CASE " + " ".join(whens) + " END"
 
 
 class ImageStore:

@@ -19,8 +19,8 @@ import torch
 from test_train import FAST, REPO, ovis_train
 
 from ovis_data.pack.holdout import holdout_draws
-from ovis_data.pack.shards import read_records
 from ovis_data.pack.stage import pack_stage
+from ovis_data.shards import read_records
 from ovis_model.batching import collate_packed
 from ovis_model.modeling import Ovis
 from ovis_model.preprocess import decode_rgb

@@ -40,7 +40,7 @@ def _call(fn: Callable, *args: Any) -> Any:
     return run_task(fn, _worker, *args)
 
 
-def _run(
+def run_tasks(
     fn: Callable,
     tasks: list[tuple],
     processes: int,

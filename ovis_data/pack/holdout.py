@@ -28,8 +28,10 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import OvisDataError
+from ..shardformat import MANIFEST, shard_index, shard_name
+from .manifest import DropReason
 from .packing import pack_lengths
-from .worker import WORK, PackConfig, Unit, shard_name
+from .worker import WORK, PackConfig, Unit
 
 VAL_DIR = "val"
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
@@ -107,7 +109,6 @@ def split_selection(
     name: str,
     val: ValSelection,
     reason: np.ndarray,
-    reason_names: list[str],
     true_len: np.ndarray,
     n_img: np.ndarray,
 ) -> np.ndarray:
@@ -117,15 +118,17 @@ def split_selection(
     kept_val = np.unique(chosen[out])
     dataset["held_out"] = int(len(kept_val))
     why = reason[kept_val]
-    codes, counts = np.unique(why[why > 0], return_counts=True)
+    codes, counts = np.unique(why[why != DropReason.KEPT], return_counts=True)
     val.datasets[name] = {
         "catalog": dataset["catalog"],
         "kept": dataset["kept"],
         "weight": dataset["weight"],
         "selected": int(len(kept_val)),
-        "dropped": {reason_names[c]: int(n) for c, n in zip(codes.tolist(), counts.tolist(), strict=True)},
+        "dropped": {
+            DropReason(c).label: int(n) for c, n in zip(codes.tolist(), counts.tolist(), strict=True)
+        },
     }
-    good = kept_val[why == 0]
+    good = kept_val[why == DropReason.KEPT]
     val.items.append(good)
     val.lengths.append(true_len[good])
     val.images.append(n_img[good])
@@ -177,10 +180,10 @@ def write_val_split(
         tasks.append((s, sizes[p0:p1], samples[packing.offsets[p0] : packing.offsets[p1]]))
     out_dir.mkdir(parents=True, exist_ok=True)
     for st in write_shards(vcfg, tasks):
-        done[int(st["name"][-9:-4])] = st
+        done[shard_index(st["name"])] = st
     manifest = build_manifest(vcfg, val.datasets, [done[s] for s in range(n_shards)])
     manifest["split"] = VAL_DIR
-    path = out_dir / "manifest.json"
+    path = out_dir / MANIFEST
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(
         json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -189,6 +192,6 @@ def write_val_split(
     if vcfg.publish is not None:
         from ..storage import as_path
 
-        (as_path(vcfg.publish) / "manifest.json").put_file(path)
+        (as_path(vcfg.publish) / MANIFEST).put_file(path)
     shutil.rmtree(out_dir / WORK / "tok", ignore_errors=True)
     return manifest

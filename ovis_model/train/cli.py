@@ -110,7 +110,7 @@ def train_command(
     expect_dir_or_creatable(out, "--out")
     from .diskfull import DiskFullError
     from .loop import train
-    from .setup import RunArgs, TrainError
+    from .setup import RunArgs, TrainError, close_distributed
 
     args = RunArgs(
         data=data,
@@ -143,6 +143,7 @@ def train_command(
             f"error: {e.filename or out}: no space left on device: free space or move --out", file=sys.stderr
         )
         sys.exit(1)
+    close_distributed()  # a finished run only: after an error, a rank may still wait in a collective
 
 
 def main() -> NoReturn:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ovis_data.recipes import StageRecipe, find_deepspeed
 
+from ..constants import VISUAL_VOCAB_SIZE
 from ..trainable import TRAINABLE_NAMES
 
 # [train]: key -> (type, default); None default = required
@@ -48,7 +49,7 @@ TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
 MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "init": (str, "previous"),  # "parts" (base LLM + base ViT) or "previous" (a stage's model directory)
     "re_init_layers": (int, 0),
-    "visual_vocab_size": (int, 131072),
+    "visual_vocab_size": (int, VISUAL_VOCAB_SIZE),
     "attn_implementation": (str, "auto"),
 }
 SCHEDULES = ("cosine", "constant")

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from ovis_data.pack.holdout import VAL_DIR
-from ovis_data.pack.shards import iter_records
+from ovis_data.shardformat import MANIFEST, read_manifest
+from ovis_data.shards import iter_records
 from ovis_data.storage import AnyPath
 
 from ..batching import batch_to, collate_packed
 from ..preprocess import decode_rgb
 from . import checkpoint
-from .dataset import empty_micro_batch, read_manifest
+from .dataset import empty_micro_batch
 from .loss import all_reduce_sum
 from .plan import ShardTable
 from .setup import Prepared
@@ -155,7 +156,7 @@ class Evaluator:
             self.best = float(json.loads(best_file.read_text(encoding="utf-8"))["val_loss"])
         self.split: ValSplit | None = None
         val_dir = prep.data_dir / VAL_DIR
-        if not (val_dir / "manifest.json").is_file():
+        if not (val_dir / MANIFEST).is_file():
             if self.main:
                 say(f"  no validation split ({val_dir}: pack with --holdout FRACTION): no val_loss this run")
             metrics.event("no_val_split", {"expected": str(val_dir)})

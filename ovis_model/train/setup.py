@@ -15,6 +15,7 @@ import torch
 
 from ovis_data.errors import OvisDataError
 from ovis_data.recipes import select_recipe
+from ovis_data.shardformat import MANIFEST
 from ovis_data.storage import AnyPath, as_path
 
 from ..model_dir import check_safetensors_only
@@ -82,7 +83,7 @@ def prepare(args: RunArgs) -> Prepared:
     except ConfigError as e:
         raise TrainError(str(e)) from e
     data_dir = as_path(args.data)  # a folder, or an object-store URL (s3://...)
-    if not (data_dir / "manifest.json").is_file() and (data_dir / f"stage{cfg.stage}").is_dir():
+    if not (data_dir / MANIFEST).is_file() and (data_dir / f"stage{cfg.stage}").is_dir():
         data_dir = data_dir / f"stage{cfg.stage}"  # --data OUT as given to `ovis-data pack --out`
     try:
         manifest, manifest_path = read_manifest(data_dir)
@@ -175,6 +176,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def close_distributed() -> None:
+    """Tear the process group down while Python is whole, at the end of a run. Left to the interpreter's
+    exit, its C++ threads can outlive the objects they use and end the process in std::terminate
+    ("terminate called without an active exception"), a rank's exit status then failing the launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None) -> Ovis:
