@@ -40,6 +40,7 @@ TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "keep_checkpoints": (int, 3),
     "skip_bad_shards": (bool, False),
     "max_steps": (int, 0),  # 0: the schedule's length from the data
+    "memory_check": (bool, True),  # refuse a micro-batch budget estimated not to fit (train/memory.py)
 }
 MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "init": (str, "previous"),  # "parts" (base LLM + base ViT) or "previous" (a stage's model directory)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..batching import batch_to
-from . import checkpoint
+from . import checkpoint, memory
 from .loss import all_reduce_sum, global_supervised, loss_normalizer, next_step
 from .metrics import Metrics
 from .setup import (
@@ -23,6 +23,7 @@ from .setup import (
     build_engine,
     build_loader,
     build_model,
+    check_memory,
     init_distributed,
     prepare,
     step_plan,
@@ -42,6 +43,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
     loader = build_loader(prep, model, rank, world)
     plan = step_plan(prep, loader, world)
     engine, ds_config = build_engine(prep, model, plan, world, bf16)
+    check_memory(prep, model, device, world, bf16)  # a budget that cannot fit: TrainError (exit 2) now
     ckpt_dir = run_dir / "checkpoints"
     step = 0
     if args.resume and checkpoint.latest(ckpt_dir) is not None:
@@ -79,6 +81,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
     try:
         while step < plan.steps:
             t0 = time.perf_counter()
+            memory.reset_peak(device)
             batches = next_step(micro_batches, plan.grad_accum)
             global_count = global_supervised(batches, device)
             norm = loss_normalizer(global_count, world, plan.grad_accum)
@@ -103,6 +106,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
                     "samples": int(samples),
                     "supervised": global_count,
                     "step_time": time.perf_counter() - t0,
+                    "peak_memory_mib": memory.peak_bytes(device) / 2**20,  # rank 0's (GPU: tensors; CPU: RSS)
                     "epoch": loader.epoch,
                 },
             )
