@@ -30,14 +30,18 @@ FLEX_BLOCK = 128
 FLEX_PAD_MULTIPLE = 512
 
 
-def default_attn_implementation(device_type: str | None = None) -> str:
-    """The fastest implementation that never builds an L x L mask: varlen flash attention where flash-attn
-    is installed with a GPU, flex attention on other GPUs, per-segment SDPA on CPU."""
+def default_attn_implementation(device_type: str | None = None, packed: bool = True) -> str:
+    """For packed training, the fastest implementation that never builds an L x L mask: varlen flash
+    attention where flash-attn is installed with a GPU, flex attention on other GPUs, per-segment SDPA on
+    CPU. For one sequence at a time (`packed=False`: chat, generation) flash attention where installed,
+    else SDPA (causal, no mask to build)."""
     import importlib.util
 
     cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
     if cuda and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    if not packed:
+        return "sdpa"
     return "flex_attention" if cuda else SEGMENT_ATTENTION
 
 

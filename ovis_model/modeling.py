@@ -373,11 +373,12 @@ class Ovis(PreTrainedModel):
     ) -> Ovis:
         """Load a directory written by `save_pretrained` (offline: it is self-contained).
 
-        attn_implementation: as in `from_parts` ("auto" by default).
+        attn_implementation: "auto" (the default) = flash_attention_2 where flash-attn and a GPU are present,
+        else sdpa: right for chat and generation; the trainer passes its packed-training choice.
         """
         attn_implementation = kwargs.pop("attn_implementation", "auto")
         if attn_implementation == "auto":
-            attn_implementation = default_attn_implementation()
+            attn_implementation = default_attn_implementation(packed=False)
         kwargs.setdefault("local_files_only", True)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if isinstance(model, tuple):  # output_loading_info=True

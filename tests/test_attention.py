@@ -134,6 +134,7 @@ def test_flex_block_mask_equals_create_block_mask(lengths: list[int]) -> None:
 
 def test_defaults_never_fall_to_the_dense_mask() -> None:
     assert default_attn_implementation("cpu") == SEGMENT_ATTENTION
+    assert default_attn_implementation("cpu", packed=False) == "sdpa"  # chat: one sequence, no mask
     flash = importlib.util.find_spec("flash_attn") is not None
     assert default_attn_implementation("cuda") == ("flash_attention_2" if flash else "flex_attention")
     assert pad_multiple("flex_attention") == FLEX_PAD_MULTIPLE and FLEX_PAD_MULTIPLE % 128 == 0

@@ -127,6 +127,7 @@ def test_peak_memory_per_step_and_a_budget_that_cannot_fit(
     assert len(steps) == 2 and all(0 < r["peak_memory_mib"] < 6 * 1024 for r in steps)
     config = json.loads((tmp_path / "ok" / "stage1" / "config.json").read_text())
     assert config["config"]["model"]["attn_implementation"] == "auto"
+    assert config["attn_implementation"] == "sdpa_segments"  # "auto" on CPU: never the dense mask
     # the dense mask at a budget of 400k tokens: ~10^12 bytes of mask and scores; refused before any step
     out = tmp_path / "big"
     big = ovis_train(*base, "--out", str(out), "--micro-batch-tokens", "400000", "--set",

@@ -54,10 +54,11 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
         run_dir.mkdir(parents=True, exist_ok=True)
         effective = {"config": json.loads(cfg.to_json()), "deepspeed": ds_config, "world_size": world}
         effective["plan"] = plan.__dict__ | {"micro_batch_tokens": cfg.micro_batch_tokens, "bf16": bf16}
+        effective["attn_implementation"] = model.attn_implementation  # "auto" resolved
         (run_dir / "config.json").write_text(json.dumps(effective, indent=1, sort_keys=True) + "\n")
         say(
             f"stage {cfg.stage} ({Path(cfg.recipe).name}) on {world} rank(s), {device.type}, "
-            f"{'bf16' if bf16 else 'fp32'}; data {prep.data_dir}"
+            f"{'bf16' if bf16 else 'fp32'}, attention {model.attn_implementation}; data {prep.data_dir}"
         )
         write_module_table(model, run_dir / "modules.txt")
         for part, trained, total in trainable_rows(model):

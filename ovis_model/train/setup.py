@@ -17,7 +17,7 @@ from ovis_data.errors import OvisDataError
 from ovis_data.recipes import select_recipe
 from ovis_data.storage import AnyPath, as_path
 
-from ..attention import log_recompiles, pad_multiple
+from ..attention import default_attn_implementation, log_recompiles, pad_multiple
 from ..trainable import select_trainable, visual_sync_mode
 from .config import ConfigError, StepPlan, TrainConfig, deepspeed_config, plan_steps
 from .contract import ContractError, check_manifest
@@ -148,6 +148,8 @@ def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None)
     cfg = prep.cfg
     torch.manual_seed(cfg.train["seed"])  # stage 1's fresh head and VTE, the re-initialised ViT block
     attn = cfg.model["attn_implementation"]
+    if attn == "auto":  # packed micro-batches: never the dense L x L mask (ovis_model.attention)
+        attn = default_attn_implementation("cuda" if torch.cuda.is_available() else "cpu")
     if prep.init_dir is None:
         model = Ovis.from_parts(
             llm=args.llm,
