@@ -98,10 +98,11 @@ def _liger_loss(
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
         return None
-    return liger_fused_linear_cross_entropy(
+    loss = liger_fused_linear_cross_entropy(
         hidden, head.weight, targets, bias=head.bias, ignore_index=IGNORE_INDEX, reduction="sum",
         softcap=softcap,
-    ).float()  # fmt: skip
+    )  # fmt: skip
+    return (loss[0] if isinstance(loss, tuple) else loss).float()  # some versions also return a z-loss
 
 
 # -- visual head ---------------------------------------------------------------------------------------------
