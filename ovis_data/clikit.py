@@ -8,17 +8,22 @@ hand them `ProgressDisplay.callback`.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.table import Table
 from rich.text import Text
 
 try:  # typer >= 0.22 vendors click; older releases use click itself
@@ -114,6 +119,89 @@ def polish(cmd: click.Command) -> click.Command:
     return cmd
 
 
+# -- paths ------------------------------------------------------------------------------------------------
+# One rule for every command's path options, applied before any work starts: a folder where a file is
+# expected (or the reverse), or an output that cannot be created, is a usage error naming the option and
+# the path, never a traceback minutes later. Object-store URLs (s3://...) are left to the storage layer.
+
+
+def _bad(option: str, path: object, reason: str) -> typer.BadParameter:
+    return typer.BadParameter(f"{path}: {reason}", param_hint=option)
+
+
+def _is_url(path: object) -> bool:
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def expect_file(path: str | os.PathLike | None, option: str) -> None:
+    """An input file: it must exist and not be a folder."""
+    if path is None or _is_url(path):
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise _bad(option, path, "a folder, not a file")
+    if not p.exists():
+        raise _bad(option, path, "no such file")
+
+
+def expect_dir(path: str | os.PathLike | None, option: str) -> None:
+    """An input folder: it must exist and be a folder (a packed shard names the folder to pass instead)."""
+    if path is None or _is_url(path):
+        return
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".tar":
+        raise _bad(option, path, f"a shard; pass its folder ({p.parent})")
+    if p.exists() and not p.is_dir():
+        raise _bad(option, path, "a file, not a folder")
+    if not p.exists():
+        raise _bad(option, path, "no such folder")
+
+
+def _writable_dir(option: str, path: object, folder: Path) -> None:
+    """`folder` (an existing folder) accepts new entries: probed by making and removing one, the only test
+    that also holds for root, read-only mounts and /proc."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ovis-probe-", dir=folder))
+    except OSError as e:
+        raise _bad(option, path, f"cannot write in {folder} ({e.strerror or e})") from None
+
+
+def _creatable(option: str, shown: object, folder: Path) -> None:
+    """`folder` can take new entries: it is a writable folder, or its nearest existing parent is one."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise _bad(option, shown, f"{folder} is a file, not a folder")
+        _writable_dir(option, shown, folder)
+        return
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise _bad(option, shown, f"cannot be created: {parent} is a file")
+    _writable_dir(option, shown, parent)
+
+
+def expect_dir_or_creatable(path: str | os.PathLike | None, option: str) -> None:
+    """An output folder: an existing, writable folder, or one that can be created. Creates nothing."""
+    if path is None or _is_url(path):
+        return
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise _bad(option, path, "a file, not a folder")
+    _creatable(option, path, p)
+
+
+def expect_file_or_creatable(path: str | os.PathLike | None, option: str) -> None:
+    """An output file: not a folder, and its folder exists writable or can be created. Creates nothing."""
+    if path is None or _is_url(path):
+        return
+    p = Path(path).expanduser().absolute()
+    if p.is_dir():
+        raise _bad(option, path, "a folder, not a file name")
+    _creatable(option, path, p.parent)
+
+
 # -- running ------------------------------------------------------------------------------------------
 
 
@@ -124,22 +212,72 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def run(app: typer.Typer, prog: str, errors: tuple[type[BaseException], ...]) -> NoReturn:
+INTERRUPTED = "interrupted; re-run the same command to continue"
+
+
+def interrupted(message: str = INTERRUPTED) -> NoReturn:
+    """Ctrl-C: one line (no traceback, no `error:`: nothing is wrong) and exit status 130 (128 + SIGINT)."""
+    Console(stderr=True, soft_wrap=True).print(message, highlight=False)
+    sys.exit(130)
+
+
+class _Drop(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def quiet_dependencies() -> None:
+    """Our commands show our messages: a dependency's notice that says nothing to the user goes.
+    DeepSpeed's "Setting accelerator to CPU" on every import where there is no GPU: ovis-train's start
+    line names the device, and nothing else in these commands depends on DeepSpeed's accelerator."""
+    logging.getLogger("DeepSpeed").addFilter(_Drop("Setting accelerator to CPU"))
+
+
+def run(
+    app: typer.Typer,
+    prog: str,
+    errors: tuple[type[BaseException], ...],
+    on_interrupt: str = INTERRUPTED,
+) -> NoReturn:
     """Run a typer app as `prog`: exit 2 with one line for usage errors and for `errors` (the library's
-    configuration errors), never a traceback for them."""
+    configuration errors), never a traceback for them; Ctrl-C says `on_interrupt` and exits 130."""
     cmd = polish(typer.main.get_command(app))
+    quiet_dependencies()
     try:
         rv = cmd.main(prog_name=prog, standalone_mode=False)
+        if rv == 130:  # typer's own answer to a KeyboardInterrupt (no command returns 130)
+            interrupted(on_interrupt)
     except click.exceptions.UsageError as e:
         where = e.ctx.command_path if e.ctx is not None else prog
         fail(f"{e.format_message()} (see {where} --help)", e.exit_code)
     except click.exceptions.ClickException as e:
         fail(e.format_message(), e.exit_code)
-    except typer.Abort:
-        fail("interrupted", 130)
+    except (typer.Abort, KeyboardInterrupt):
+        interrupted(on_interrupt)
     except errors as e:
         fail(str(e))
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# -- tables -------------------------------------------------------------------------------------------------
+
+
+def print_table(console: Console, table: Table) -> None:
+    """A table whose first column (a dataset name, a path) is never cut: on a terminal it folds rather than
+    ends in an ellipsis, and the other columns wrap first; in a pipe or a file every line is as wide as its
+    content needs (no terminal width to fit, and `grep NAME` finds whole names)."""
+    if table.columns:
+        table.columns[0].no_wrap, table.columns[0].overflow = True, "fold"
+    if console.is_terminal:
+        console.print(table)
+        return
+    wide = Console(file=console.file, width=1 << 16, color_system=None, soft_wrap=False)
+    width = Measurement.get(wide, wide.options, table).maximum
+    Console(file=console.file, width=width, color_system=None).print(table)
 
 
 # -- progress -----------------------------------------------------------------------------------------
@@ -153,14 +291,35 @@ def hf_bars_only_on_a_terminal() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 class _Rate(ProgressColumn):
-    """Items per second over the run so far, in the task's own unit."""
+    """Items per second over the run so far, in the task's own unit (bytes: B/kB/MB/GB)."""
 
     def render(self, task: Task) -> Text:
         elapsed = task.elapsed or 0.0
-        if not elapsed or not task.completed or not task.fields.get("unit"):
+        unit = task.fields.get("unit")
+        if not elapsed or not task.completed or not unit:
             return Text("")
-        return Text(f"{task.completed / elapsed:,.0f} {task.fields.get('unit', '')}/s", style="cyan")
+        if unit == "B":
+            return Text(f"{_bytes(task.completed / elapsed)}/s", style="cyan")
+        return Text(f"{task.completed / elapsed:,.0f} {unit}/s", style="cyan")
+
+
+class _Count(MofNCompleteColumn):
+    """done/total, as sizes when the unit is bytes."""
+
+    def render(self, task: Task) -> Text:
+        if task.fields.get("unit") != "B":
+            return super().render(task)
+        total = f"/{_bytes(task.total)}" if task.total is not None else ""
+        return Text(f"{_bytes(task.completed)}{total}", style="progress.download")
 
 
 class _Eta(ProgressColumn):
@@ -189,7 +348,7 @@ class ProgressDisplay:
             self._bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                _Count(),
                 _Rate(),
                 _Eta(),
                 console=Console(stderr=True),

@@ -32,6 +32,7 @@ INDEX_SCHEMA = pa.schema(
     [("image_path", pa.string()), ("tar", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]
 )
 FETCH_BOOKKEEPING = ".fetch"  # image_dir/.fetch/: `ovis-data fetch` bookkeeping, never an image
+GET_BOOKKEEPING = ".get"  # image_dir/.get/: `ovis-data get` done-markers and staging, never an image
 SHARD_INDEX_DIR = f"{FETCH_BOOKKEEPING}/index"  # one NNNNN.parquet per tar: build_index's parts
 SHARD_INDEX_SCHEMA = pa.schema([("image_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -72,7 +73,11 @@ class ImageStore:
             paths = load_index(self.image_dir).column("image_path")
             return pa.table({"image_path": paths, "linked_out": pa.array(np.zeros(len(paths), dtype=bool))})
         if isinstance(self.image_dir, RemotePath):  # object stores have no links: one listing of the prefix
-            names = [p for p in self.image_dir.find() if not p.startswith(FETCH_BOOKKEEPING + "/")]
+            names = [
+                p
+                for p in self.image_dir.find()
+                if not p.startswith((FETCH_BOOKKEEPING + "/", GET_BOOKKEEPING + "/"))
+            ]
             linked = pa.array(np.zeros(len(names), dtype=bool))
             return pa.table({"image_path": pa.array(names, pa.string()), "linked_out": linked})
         # Names go to Arrow every 64k entries: ten million files never sit in memory as Python strings.
@@ -97,7 +102,7 @@ class ImageStore:
                         paths.append(name)
                         linked_out.append(not self._inside(entry.path))
                     elif entry.is_dir(follow_symlinks=False):
-                        if name != FETCH_BOOKKEEPING:  # fetch's status files and temporaries
+                        if name not in (FETCH_BOOKKEEPING, GET_BOOKKEEPING):  # fetch's and get's own files
                             stack.append(name)
                     else:
                         paths.append(name)

@@ -83,6 +83,11 @@ def find_deepspeed(recipe_file: Path, name: str) -> Path | None:
     return None
 
 
+def no_shipped_recipe(stage: int) -> OvisDataError:
+    """What every command says for a --stage N that has no pipelines/stageN.toml (one wording everywhere)."""
+    return OvisDataError(f"no shipped recipe for stage {stage} (stages 1-3; your own: --recipe FILE)")
+
+
 def select_recipe(
     stage: int | None, recipe: str | Path | None, dataset_info: str | Path | None = None
 ) -> tuple[StageRecipe, dict[str, DatasetSpec]]:
@@ -94,7 +99,7 @@ def select_recipe(
         raise OvisDataError("give --stage N (the shipped recipe pipelines/stageN.toml) or --recipe FILE")
     registry = recipe_registry(dataset_info)
     if recipe is None and not recipe_path(int(stage)).is_file():
-        raise OvisDataError(f"no shipped recipe for stage {stage} (stages 1-3; your own: --recipe FILE)")
+        raise no_shipped_recipe(int(stage))
     return load_recipe(int(stage) if recipe is None else Path(recipe), registry), registry
 
 

@@ -128,8 +128,12 @@ class Ovis(PreTrainedModel):
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.visual_tokenizer.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for part in (self.llm, self.visual_tokenizer.backbone):
+            # transformers 5.x renamed it; the old name warns on every run (a FutureWarning until v6)
+            if hasattr(part, "activation_checkpointing_enable"):
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # -- embeddings ---------------------------------------------------------------------------------------
     def visual_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:

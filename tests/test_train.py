@@ -109,10 +109,12 @@ def test_stages_chain_with_the_recipes_freezing(
 ) -> None:
     llm_dir, vit_dir = parts
     run = tmp_path / "run"
+    # 9 steps: stage 1's data is 8 steps an epoch, so the run crosses into a second one
     p1 = ovis_train("--stage", "1", "--data", str(packed), "--out", str(run), "--llm", str(llm_dir),
-                    "--vit", str(vit_dir), "--max-steps", "4", *FAST)  # fmt: skip
+                    "--vit", str(vit_dir), "--max-steps", "9", *FAST)  # fmt: skip
     assert p1.returncode == 0, p1.stdout[-3000:] + p1.stderr[-3000:]
     assert "freeze llm" in p1.stdout and "train  vte" in p1.stdout
+    assert "Setting accelerator" not in p1.stderr  # DeepSpeed's notice: our start line names the device
     for stage in (2, 3):
         p = ovis_train(
             "--stage", str(stage), "--data", str(packed), "--out", str(run), "--max-steps", "3", *FAST
@@ -143,6 +145,14 @@ def test_stages_chain_with_the_recipes_freezing(
         losses = _losses(run_dir)
         assert len(losses) >= 3 and all(v == v for v in losses.values())  # finite, one per step
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        # one epoch convention: a step line says the epoch (from 0) its micro-batches came from, and an
+        # epoch_end event follows the last step of that epoch
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in records if "loss" in r][0] == 0
+        ends = [i for i, r in enumerate(records) if r.get("event") == "epoch_end"]
+        assert ends or stage > 1, "stage 1's 9 steps cross an epoch"
+        for i in ends:
+            assert [r for r in records[:i] if "loss" in r][-1]["epoch"] == records[i]["epoch"]
         assert (
             json.loads((run_dir / "config.json").read_text())["deepspeed"]["gradient_accumulation_steps"] >= 1
         )

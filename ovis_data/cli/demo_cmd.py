@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..clikit import expect_dir_or_creatable
 from ..demo import DEMO_STEPS, run_demo
 from .app import app
 from .common import console
@@ -32,5 +33,6 @@ def demo(
         ovis-data demo
         ovis-data demo --out /tmp/ovis-demo --train-steps 4
     """
+    expect_dir_or_creatable(out, "--out")
     summary = run_demo(out, seed=seed, console=console, processes=processes, train_steps=train_steps)
     console.print(summary, soft_wrap=True)

@@ -8,9 +8,11 @@ from typing import Annotated
 
 import typer
 
+from ..clikit import expect_file, expect_file_or_creatable, print_table
 from ..errors import OvisDataError
 from ..fetch import FetchOptions, ImageParams, NetParams, fetch_datasets, parse_part
 from ..fetch.progress import summary_table
+from ..get import ensure_url_lists
 from ..registry import load_registry, resolve_root
 from .app import app
 from .common import InfoOption, RootOption, console, err_console
@@ -76,6 +78,8 @@ def fetch(
     Example:
         ovis-data fetch coyo-10m --root /data/ovis --layout shards --report coyo.json
     """
+    expect_file(dataset_info, "--dataset-info")
+    expect_file_or_creatable(report, "--report")
     if engine not in ENGINES:
         raise OvisDataError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
     if layout is not None and layout not in ("files", "shards"):
@@ -85,7 +89,7 @@ def fetch(
             "--max-side >= 0, 1 <= --quality <= 100, --concurrency/--per-host >= 1, --retries >= 0"
         )
     registry = load_registry(dataset_info)
-    base = resolve_root(root)
+    base = resolve_root(root, must_exist=False)
     options = FetchOptions(
         layout=layout,
         image=ImageParams(max_side=max_side, quality=quality),
@@ -103,6 +107,14 @@ def fetch(
         part=parse_part(part),
         ray=ray,
     )
+    if isinstance(base, Path):  # a URL list not there yet comes from its registry source first
+        from ..fetch.engine import url_datasets, url_spec
+
+        wanted = [url_spec(registry, n) for n in names] if names else url_datasets(registry)
+        for name in ensure_url_lists(wanted, base):
+            err_console.print(f"got the URL list of {name} from its source")
+    elif not base.is_dir():
+        raise OvisDataError(f"data root {base} does not exist or holds nothing")
     if engine == "img2dataset":
         from ..fetch.img2dataset_engine import fetch_datasets_with_img2dataset
 
@@ -110,7 +122,7 @@ def fetch(
     else:
         reports = fetch_datasets(names, base, options, registry, err_console)
     for r in reports:
-        console.print(summary_table(r))
+        print_table(console, summary_table(r))
     if report is not None:
         payload = reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports]
         report.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..clikit import expect_file, print_table
 from ..inventory import inventory
 from ..recipes import describe_recipe, select_recipe
 from ..registry import ROOT_ENV, load_registry, resolve_root
@@ -35,6 +36,8 @@ def list_datasets(
         ovis-data list --stage 3
         ovis-data list --recipe my_recipe.toml --dataset-info my_info.json --root /data/mine
     """
+    expect_file(dataset_info, "--dataset-info")
+    expect_file(recipe, "--recipe")
     base = resolve_root(root) if (root is not None or os.environ.get(ROOT_ENV)) else None
     if stage is not None or recipe is not None:
         _show_recipe(stage, recipe, dataset_info, base)
@@ -47,7 +50,7 @@ def list_datasets(
         table.add_row(
             row.name, str(row.stage), row.data_format, row.meta_status, row.image_status, row.source
         )
-    console.print(table)
+    print_table(console, table)
 
 
 def _show_recipe(stage: int | None, recipe: Path | None, info: Path | None, base: Path | None) -> None:
@@ -58,7 +61,7 @@ def _show_recipe(stage: int | None, recipe: Path | None, info: Path | None, base
     settings.add_column()
     for what, value in describe_recipe(chosen):
         settings.add_row(what, value)
-    console.print(settings)
+    print_table(console, settings)
     table = Table(title=f"its datasets ({len(chosen.datasets)})" + (f" under {base}" if base else ""))
     table.add_column("name", no_wrap=True)
     for col in ("weight", "format", "meta file", "image dir") + (("registered in",) if own else ()):
@@ -70,4 +73,4 @@ def _show_recipe(stage: int | None, recipe: Path | None, info: Path | None, base
             fmt += f" ({mix.caption_template or registry[mix.name].caption_template!r})"
         cells = [row.name, f"{mix.weight:g}", fmt, row.meta_status, row.image_status]
         table.add_row(*cells, *([str(info) if mix.name in own else "shipped"] if own else []))
-    console.print(table)
+    print_table(console, table)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..clikit import ProgressDisplay
+from ..clikit import ProgressDisplay, expect_dir_or_creatable, expect_file, print_table
 from ..pack.stage import PACKS_PER_SHARD, pack_stage
 from ..recipes import select_recipe
 from ..storage import as_path
@@ -49,6 +49,14 @@ def pack(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace shards packed earlier from other inputs.")
     ] = False,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            metavar="FRACTION",
+            help="Share of each dataset's selected samples kept out of training, packed into OUT/stageN/val/ "
+            "(chosen by a hash of the sample id and --seed).",
+        ),
+    ] = 0.0,
     dataset_info: InfoOption = None,
     quiet: QuietOption = False,
     ray: Annotated[
@@ -72,6 +80,9 @@ def pack(
     Your own datasets (the recipe's `stage` names the folder: OUT/stageN):
         ovis-data pack --recipe my_recipe.toml --dataset-info my_info.json --tokenizer /models/qwen --out OUT
     """
+    expect_file(dataset_info, "--dataset-info")
+    expect_file(recipe, "--recipe")
+    expect_dir_or_creatable(out, "--out")
     chosen, registry = select_recipe(stage, recipe, dataset_info)
     with ProgressDisplay(quiet) as shown:
 
@@ -94,6 +105,7 @@ def pack(
             registry=registry,
             progress=on_progress,
             ray=ray,
+            holdout=holdout,
         )
     n = manifest["stage"]
     table = Table(title=f"stage {n} packed into {as_path(out) / f'stage{n}'}")
@@ -102,9 +114,12 @@ def pack(
     for name, d in manifest["datasets"].items():
         dropped = ", ".join(f"{k} {v}" for k, v in d["dropped"].items()) or "-"
         table.add_row(name, str(d["catalog"]), str(d["selected"]), str(d["packed"]), dropped)
-    console.print(table)
+    print_table(console, table)
     console.print(
         f"{manifest['records']:,} sequences of {manifest['capacity']} tokens in {len(manifest['shards'])} "
         f"shards, fill {manifest['fill']:.2%}; dropped: "
         + (", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none")
     )
+    if holdout:
+        held = sum(d.get("held_out", 0) for d in manifest["datasets"].values())
+        console.print(f"{held:,} samples held out for validation in {as_path(out) / f'stage{n}' / 'val'}")

@@ -7,8 +7,14 @@ from typing import Annotated
 
 import typer
 
-from ..clikit import ProgressDisplay
-from ..recipes import select_recipe
+from ..clikit import (
+    ProgressDisplay,
+    expect_dir_or_creatable,
+    expect_file,
+    expect_file_or_creatable,
+    print_table,
+)
+from ..recipes import no_shipped_recipe, select_recipe
 from ..registry import load_registry, resolve_root, select
 from ..validate.bad_samples_report import summary_table, write_report
 from ..validate.dataset import validate_dataset
@@ -70,6 +76,10 @@ def validate(
     Your own datasets:
         ovis-data validate --recipe my_recipe.toml --dataset-info my_info.json --root /data/mine
     """
+    expect_file(dataset_info, "--dataset-info")
+    expect_file(recipe, "--recipe")
+    expect_file_or_creatable(report, "--report")
+    expect_dir_or_creatable(catalog_dir, "--catalog-dir")
     if deep and meta_only:
         raise typer.BadParameter("--deep and --meta-only exclude each other")
     if recipe is not None:
@@ -82,8 +92,8 @@ def validate(
         specs = select(registry, names)
         if stage is not None:
             stages = sorted({s.stage for s in registry.values()})
-            if stage not in stages:  # as in pack --stage 4: a usage error, not an empty success
-                raise typer.BadParameter(f"no dataset is in stage {stage} (stages: {stages})")
+            if stage not in stages:  # as in pack --stage 7: a usage error, not an empty success
+                raise no_shipped_recipe(stage)
             specs = [s for s in specs if s.stage == stage]
     base = resolve_root(root)
     mode = "meta" if meta_only else ("deep" if deep else "header")
@@ -99,7 +109,7 @@ def validate(
                     spec, base, mode, limits, processes, catalog_dir, progress=on_images, ray=ray
                 )
             )
-    console.print(summary_table(results))
+    print_table(console, summary_table(results))
     if report:
         write_report(report, results, base, catalog_dir)
         console.print(f"report written to {report}")

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ..interrupt import cancel_pending, quiet_on_sigint, run_task
+from ..lifeline import exit_with
 from .worker import PackConfig, PackWorker, Unit
 
 Progress = Callable[[str, int, int], None]  # (phase "tokenize" | "write", samples | records done, total)
@@ -23,13 +25,19 @@ _worker: PackWorker | None = None
 
 def _init_worker(cfg: PackConfig, backend_json: str, units: list[Unit] | None, bases: np.ndarray | None):
     global _worker
+    quiet_on_sigint()  # Ctrl-C: the running task stops (a shard's .tmp removed), no traceback
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # processes are the parallelism here
     _worker = PackWorker(cfg, backend_json, units, bases)
 
 
+def _init_pool_worker(owner: int, *init: Any) -> None:
+    exit_with(owner)  # a SIGKILLed pack leaves no worker behind
+    _init_worker(*init)
+
+
 def _call(fn: Callable, *args: Any) -> Any:
     """One task in a pool's process: the method `fn` of the worker its initializer made."""
-    return fn(_worker, *args)
+    return run_task(fn, _worker, *args)
 
 
 def _run(
@@ -62,13 +70,20 @@ def _run(
                 progress(label, done, total)
         return results
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+    pool = ProcessPoolExecutor(
+        processes, mp_context=ctx, initializer=_init_pool_worker, initargs=(os.getpid(), *init)
+    )
+    with pool:
         futures = {pool.submit(_call, fn, *t): w for t, w in zip(tasks, weights, strict=True)}
-        for fut in as_completed(futures):
-            results.append(fut.result())
-            done += futures[fut]
-            if progress:
-                progress(label, done, total)
+        try:
+            for fut in as_completed(futures):
+                results.append(fut.result())
+                done += futures[fut]
+                if progress:
+                    progress(label, done, total)
+        except KeyboardInterrupt:  # queued tasks never start; the running ones stop at their own SIGINT
+            cancel_pending(pool)
+            raise
     return results
 
 

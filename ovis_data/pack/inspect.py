@@ -31,6 +31,11 @@ def find_record(shard: Path, record: int | str = 0) -> Record:
     try:
         for i, rec in enumerate(read_records(shard)):
             if rec.key == str(record) or (isinstance(record, int) and i == record):
+                if rec.input_ids.size == 0:
+                    raise OvisDataError(
+                        f"{shard}: record {rec.key!r} has no tokens ({rec.key}.input_ids.npy): not a record "
+                        "written by ovis-data pack"
+                    )
                 return rec
     except ShardError as e:
         raise OvisDataError(f"not a readable packed shard: {e}") from e

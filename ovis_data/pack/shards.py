@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tarfile
+import warnings
 from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,13 @@ def resize_for_vit(data: bytes, size: int) -> tuple[bytes, int, int]:
         else:  # the 3-component colour spaces PIL opens as mode "RGB"
             if colorspace in ("YCbCr", "RGB") and (w, h) == vit_resized_size(w, h, size):
                 return data, w, h
-    with Image.open(io.BytesIO(data)) as img:
+    # Over Pillow's pixel limit (validate's default --max-pixels too): what validation calls a
+    # decompression bomb is an error here, not a warning printed by each worker; pack drops the sample and
+    # counts it under that reason (a catalog validated with --meta-only never had its pixels checked).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    with img:
         w, h = img.size
         nw, nh = vit_resized_size(w, h, size)
         if img.format == "JPEG" and img.mode == "RGB" and (w, h) == (nw, nh):
@@ -326,4 +333,3 @@ def supervised_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[np.asarray(lengths) > 0]
     mask[starts] = False
     return int(mask.sum())
-

@@ -33,6 +33,7 @@ from ..registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, res
 from ..storage import RemotePath, is_url, staging_dir
 from ..validate.catalog import catalog_path, check_catalog_current
 from .dispatch import Progress, _run
+from .holdout import ValSelection, check_fraction, holdout_mask, split_selection, write_val_split
 from .manifest import FORMAT, MANIFEST, SHARD_KEYS, _manifest, _manifest_is_current
 from .packing import DEFAULT_BUFFER, pack_lengths
 from .templates import detect_chat_format
@@ -162,10 +163,12 @@ def pack_stage(
     registry: dict[str, DatasetSpec] | None = None,
     progress: Progress | None = None,
     ray: str | None = None,
+    holdout: float = 0.0,
 ) -> dict:
     """Pack one stage into OUT/stageN/ and return its manifest. Resumes a killed run with the same
     inputs; refuses (unless overwrite) to mix with shards packed from other inputs. `max_length`,
-    `visual_tokens` and `image_size` default (None) to the recipe's."""
+    `visual_tokens` and `image_size` default (None) to the recipe's; `holdout`: the share of each
+    dataset's selected samples packed into OUT/stageN/val/ instead (ovis_data.pack.holdout)."""
     registry = registry or load_registry()
     if isinstance(stage, StageRecipe):  # already loaded (and checked) against this registry
         recipe = stage
@@ -174,6 +177,7 @@ def pack_stage(
     for flag, value in (("visual_tokens", visual_tokens), ("image_size", image_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value <= 0):
             raise OvisDataError(f"{flag} must be a positive integer, got {value!r}")
+    holdout = check_fraction(holdout)
     root_path = resolve_root(root)
     remote_out = RemotePath(str(out)) / f"stage{recipe.stage}" if is_url(out) else None
     processes = max(1, processes or os.cpu_count() or 1)
@@ -233,6 +237,8 @@ def pack_stage(
         ],
         "caption_templates": caption_templates,
     }
+    if holdout:  # only then: a stage packed without one keeps its inputs' hash
+        inputs["holdout"] = holdout
     inputs_sha = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     manifest_path = out_dir / MANIFEST
     params_path = out_dir / WORK / "inputs.json"
@@ -287,6 +293,8 @@ def pack_stage(
     counts = np.array([t.num_rows for t in tables], dtype=np.int64)
     bases = np.concatenate(([0], np.cumsum(counts)))
     reason, reason_names, true_len, n_img = _drop_reasons(tables, cfg)
+    held = holdout_mask(tables, units, holdout, cfg.seed) if holdout else None
+    val = ValSelection()
     del tables  # unmapped now: the pages it read (10M samples: ~0.6 GB) leave this process's RSS
     datasets: dict[str, dict] = {}
     items = []
@@ -297,10 +305,15 @@ def pack_stage(
         # The mixture draws from the whole catalog; a drawn sample that cannot be packed is dropped with
         # its reason, so per dataset selected = packed + dropped (write-time drops are added in _manifest).
         chosen = _mixture(np.arange(lo, hi, dtype=np.int64), m.weight, cfg.seed, m.name)
+        datasets[m.name] = {}
+        if held is not None:
+            d = {"catalog": int(hi - lo), "kept": int((reason[lo:hi] == 0).sum()), "weight": m.weight}
+            chosen = split_selection(chosen, held, d, m.name, val, reason, reason_names, true_len, n_img)
+            datasets[m.name]["held_out"] = d["held_out"]
         why = reason[chosen]
         items.append(chosen[why == 0])
         codes, counts = np.unique(why[why > 0], return_counts=True)
-        datasets[m.name] = {
+        datasets[m.name] |= {
             "catalog": int(hi - lo),
             "kept": int((reason[lo:hi] == 0).sum()),  # distinct catalog samples that can be packed
             "weight": m.weight,
@@ -349,6 +362,22 @@ def pack_stage(
         done_stats[int(st["name"][-9:-4])] = st
     shards = [done_stats[s] for s in range(n_shards)]
 
+    if held is not None:  # before the stage's manifest, which says the stage (val split too) is complete
+        write_val_split(
+            cfg,
+            val,
+            lambda c, t: _run(
+                PackWorker.write_shard,
+                t,
+                processes,
+                (c, backend_json, units, bases),
+                "write val",
+                progress,
+                [len(x[1]) for x in t],
+                ray=ray,
+            ),
+            lambda c, d, s: _manifest(c, recipe, identity, inputs_sha, caption_templates, d, s),
+        )
     manifest = _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards)
     _atomic_json(manifest_path, manifest)
     if remote_out is not None:  # last: the stage is complete when its manifest is there

@@ -109,6 +109,7 @@ GEMMA = ChatFormat(
 )
 FIXED_FORMATS = {f.name: f for f in (QWEN, LLAMA3, GEMMA)}
 
+
 class ChatTemplateFormat:
     """Any other LLM family, through the tokenizer's own chat template: each turn is the difference
     between renderings of successive prefixes of the conversation, and an assistant turn's header is

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from itertools import chain
 from pathlib import Path
@@ -79,6 +80,10 @@ class Encoded(NamedTuple):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
+def _not_model_type_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("You are using a model of type")
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """A fast Hugging Face tokenizer from a directory (or hub-style name already on disk)."""
     local = Path(path).expanduser()
@@ -94,6 +99,10 @@ def load_tokenizer(path: str | Path) -> Any:
         raise OvisDataError(f"{path}: no such tokenizer folder")  # a path, never a hub name (org/name)
     from transformers import AutoTokenizer  # after the checks above: its import takes seconds
 
+    # A model folder (its config.json says model_type "ovis", or "qwen2") holds the tokenizer: transformers
+    # warns that the model type differs from the tokenizer's, which is no concern of a tokenizer's user.
+    config_log = logging.getLogger("transformers.configuration_utils")
+    config_log.addFilter(_not_model_type_notice)
     try:
         tok = AutoTokenizer.from_pretrained(str(local if local.is_dir() else path))
     except (OSError, ValueError) as e:
@@ -103,6 +112,8 @@ def load_tokenizer(path: str | Path) -> Any:
             ) from e
         reason = " ".join(str(e).split())
         raise OvisDataError(f"{path}: cannot load the tokenizer: {reason}") from e
+    finally:
+        config_log.removeFilter(_not_model_type_notice)
     if not getattr(tok, "is_fast", False):
         raise OvisDataError(
             f"tokenizer {tokenizer_name(tok)!r} is not a fast tokenizer (tokenizer.json needed)"

@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from tokenizers import Tokenizer
 
 from ..arrowmap import MappedArrow
 from ..imagestore import ImageStore
+from ..interrupt import removed_on_failure
 from ..storage import as_path
 from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
 from .templates import IGNORE_ID, ChatTemplateFormat
@@ -163,7 +165,11 @@ class PackWorker:
             else ["row", "id", "images", "roles", "texts"]
         )
         tmp = Path(unit.path + ".tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, UNIT_SCHEMA) as writer:
+        with (
+            removed_on_failure(tmp),
+            pa.OSFile(str(tmp), "wb") as sink,
+            pa.ipc.new_file(sink, UNIT_SCHEMA) as writer,
+        ):
             for batch in pf.iter_batches(
                 batch_size=TOKENIZE_BATCH, row_groups=[unit.row_group], columns=cols
             ):
@@ -247,8 +253,9 @@ class PackWorker:
                         sample_jpgs = [
                             resize_for_vit(store.read_bytes(x), cfg.image_size)[0] for x in meta["images"]
                         ]
-                    except Exception:  # gone or broken since validation: drop the sample, keep the pack
-                        stats["dropped"][dataset]["image_unreadable"] += 1
+                    except Exception as e:  # gone or broken since validation: drop the sample, keep the pack
+                        bomb = isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning)
+                        stats["dropped"][dataset]["decompression_bomb" if bomb else "image_unreadable"] += 1
                         continue
                     ids_parts.append(ids)
                     sup_parts.append(sup)

@@ -21,20 +21,24 @@ def write_report(path: Path, results: list[DatasetResult], root: Path, catalog_o
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        datasets = {r.name: r.to_json() for r in results}
-        f.write('{"datasets": ' + json.dumps(datasets, indent=2) + ',\n"bad_samples": [')
-        first = True
-        for r in results:
-            rej = rejected_path(root, r.name, catalog_out)
-            if not r.catalog_written or not rej.exists():  # an earlier run's rejects are not this run's
-                continue
-            for batch in pq.ParquetFile(rej).iter_batches(batch_size=65536):
-                for row in batch.to_pylist():
-                    f.write(("\n" if first else ",\n") + json.dumps(row, ensure_ascii=False))
-                    first = False
-        f.write("\n]}\n")
-    os.replace(tmp, path)
+    try:  # never a stray .tmp: a failed write (disk full, path taken meanwhile) removes it
+        with open(tmp, "w", encoding="utf-8") as f:
+            datasets = {r.name: r.to_json() for r in results}
+            f.write('{"datasets": ' + json.dumps(datasets, indent=2) + ',\n"bad_samples": [')
+            first = True
+            for r in results:
+                rej = rejected_path(root, r.name, catalog_out)
+                if not r.catalog_written or not rej.exists():  # an earlier run's rejects are not this run's
+                    continue
+                for batch in pq.ParquetFile(rej).iter_batches(batch_size=65536):
+                    for row in batch.to_pylist():
+                        f.write(("\n" if first else ",\n") + json.dumps(row, ensure_ascii=False))
+                        first = False
+            f.write("\n]}\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def summary_table(results: list[DatasetResult]) -> Table:

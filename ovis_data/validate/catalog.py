@@ -33,6 +33,8 @@ CATALOG_SCHEMA = pa.schema(
         ("heights", pa.list_(pa.int32())),
     ]
 )
+
+
 def catalog_dir(root: AnyPath, override: AnyPath | None = None) -> AnyPath:
     return as_path(override) if override is not None else as_path(root) / CATALOG_DIR
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 
-from ovis_data.clikit import hf_bars_only_on_a_terminal, run, version_option
+from ovis_data.clikit import (
+    expect_dir,
+    expect_dir_or_creatable,
+    expect_file,
+    hf_bars_only_on_a_terminal,
+    run,
+    version_option,
+)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -70,6 +78,13 @@ def train_command(
             help="Your own dataset_info.json: a recipe's datasets are looked up in it, then the shipped.",
         ),
     ] = None,
+    verify_data: Annotated[
+        bool,
+        typer.Option(
+            "--verify-data",
+            help="Also check every shard's sha256 against the manifest before training (sizes always are).",
+        ),
+    ] = False,
     local_rank: Annotated[int | None, typer.Option("--local_rank", hidden=True)] = None,  # deepspeed launcher
     version: Annotated[bool, version_option("ovis-train")] = False,
 ) -> None:
@@ -92,6 +107,11 @@ def train_command(
     Your own datasets (docs/own-datasets.md):
         ovis-train --recipe my_recipe.toml --dataset-info my_info.json --data /data/packed --out /runs/mine
     """
+    for path, option in ((recipe, "--recipe"), (dataset_info, "--dataset-info")):
+        expect_file(path, option)
+    expect_dir(data, "--data")
+    expect_dir_or_creatable(out, "--out")
+    from .diskfull import DiskFullError
     from .loop import train
     from .setup import RunArgs, TrainError
 
@@ -108,6 +128,7 @@ def train_command(
         micro_batch_tokens=micro_batch_tokens,
         overrides=list(overrides or []),
         dataset_info=dataset_info,
+        verify_data=verify_data,
     )
     hf_bars_only_on_a_terminal()
     try:
@@ -115,10 +136,20 @@ def train_command(
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except DiskFullError as e:  # checkpoints written so far stay resumable
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a full disk elsewhere (metrics, TensorBoard): one line too
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"error: {e.filename or out}: no space left on device: free space or move --out", file=sys.stderr
+        )
+        sys.exit(1)
 
 
 def main() -> NoReturn:
-    run(app, "ovis-train", ())
+    run(app, "ovis-train", (), on_interrupt="interrupted; --resume continues from the last checkpoint")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,11 @@ TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "save_every": (int, 500),
     "keep_checkpoints": (int, 3),
     "skip_bad_shards": (bool, False),
+    "max_lost_fraction": (float, 0.01),  # skip_bad_shards: stop when more of an epoch's records are lost
     "max_steps": (int, 0),  # 0: the schedule's length from the data
+    "eval_every": (int, 0),  # steps between val losses (0: only at the end); needs a packed val split
+    "keep_best": (bool, False),  # RUN/stageN/model_best: the model with the lowest val loss
+    "peak_tflops": (float, 0.0),  # per device, for MFU; 0: the table of known GPUs (ovis_model.train.flops)
     "memory_check": (bool, True),  # refuse a micro-batch budget estimated not to fit (train/memory.py)
 }
 MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
@@ -56,17 +60,19 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be trained: names the key and the file."""
 
 
+def _check_value(section: str, key: str, value: Any, spec: dict, where: str) -> Any:
+    if key not in spec:
+        raise ConfigError(f"{where}: unknown key {section}.{key} (valid: {', '.join(sorted(spec))})")
+    kind = spec[key][0]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {section}.{key} = {value!r} is not a {_kind_name(kind)}")
+    return value
+
+
 def _check(section: str, values: dict, spec: dict, where: str) -> dict:
-    out = {}
-    for key, value in values.items():
-        if key not in spec:
-            raise ConfigError(f"{where}: unknown key {section}.{key} (valid: {', '.join(sorted(spec))})")
-        kind = spec[key][0]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: {section}.{key} = {value!r} is not a {_kind_name(kind)}")
-        out[key] = value
+    out = {key: _check_value(section, key, value, spec, where) for key, value in values.items()}
     for key, (_, default) in spec.items():
         if key not in out:
             if default is None:
@@ -110,13 +116,15 @@ class TrainConfig:
         where = str(recipe.path)
         train, model = dict(recipe.train), dict(recipe.model)
         top: dict[str, Any] = {"trainable": list(recipe.trainable), "deepspeed": recipe.deepspeed}
+        set_by: dict[str, str] = {}  # what an override set is blamed on --set, not on the recipe
         for text in overrides:
             key, value = parse_override(text)
             section, _, name = key.partition(".")
+            blame = set_by[key] = f"--set {text} (over {Path(where).name})"
             if section == "train" and name:
-                train[name] = value
+                train[name] = _check_value(section, name, value, TRAIN_KEYS, blame)
             elif section == "model" and name:
-                model[name] = value
+                model[name] = _check_value(section, name, value, MODEL_KEYS, blame)
             elif key in top:
                 top[key] = value
             else:
@@ -127,22 +135,28 @@ class TrainConfig:
         model = _check("model", model, MODEL_KEYS, where)
         if train["schedule"] not in SCHEDULES:
             raise ConfigError(
-                f"{where}: train.schedule = {train['schedule']!r}; valid: {', '.join(SCHEDULES)}"
+                f"{set_by.get('train.schedule', where)}: train.schedule = {train['schedule']!r}; "
+                f"valid: {', '.join(SCHEDULES)}"
             )
         if model["init"] not in INITS:
-            raise ConfigError(f"{where}: model.init = {model['init']!r}; valid: {', '.join(INITS)}")
+            raise ConfigError(
+                f"{set_by.get('model.init', where)}: model.init = {model['init']!r}; "
+                f"valid: {', '.join(INITS)}"
+            )
         trainable = top["trainable"]
+        at = set_by.get("trainable", where)
         if not isinstance(trainable, list) or not trainable:
-            raise ConfigError(f"{where}: trainable must be a non-empty list of module names")
+            raise ConfigError(f"{at}: trainable must be a non-empty list of module names")
         unknown = [n for n in trainable if n not in TRAINABLE_NAMES]
         if unknown:
             raise ConfigError(
-                f"{where}: trainable names unknown module(s) {unknown}; valid: {', '.join(TRAINABLE_NAMES)}"
+                f"{at}: trainable names unknown module(s) {unknown}; valid: {', '.join(TRAINABLE_NAMES)}"
             )
         ds_path = find_deepspeed(recipe.path, str(top["deepspeed"]))  # beside the recipe, else shipped
         if ds_path is None:
             raise ConfigError(
-                f"{where}: DeepSpeed config {top['deepspeed']!r} found neither beside the recipe nor shipped"
+                f"{set_by.get('deepspeed', where)}: DeepSpeed config {top['deepspeed']!r} found neither "
+                "beside the recipe nor shipped"
             )
         return cls(
             stage=recipe.stage,
