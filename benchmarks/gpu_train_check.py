@@ -39,6 +39,15 @@ What it does:
    N_llm: LLM parameters without the embedding table; N_vit: the ViT's. For the packed run the FLOPs of each
    step are rebuilt from the trainer's own epoch plan (which records each micro-batch holds), and its token
    counts are checked against metrics.jsonl.
+6. More packed runs (`--compare-attns`, default varlen flash attention where flash-attn is installed and
+   the dense-mask SDPA): the same trainer run with each attention implementation, for tokens/s, MFU and
+   each step's peak GPU memory (metrics.jsonl `peak_memory_mib`), beside flex attention and the padded
+   baselines.
+7. Equality on the GPU: a tiny Ovis in bf16, one packed micro-batch with images (padded to flex's multiple),
+   loss and logits of flex attention, varlen flash attention (if installed) and per-segment SDPA against
+   the dense-mask SDPA (`attention_equality`).
+8. Memory: `benchmarks/train_memory.py --device cuda` (one stage-1 step at 4,096 / 16,384 / 32,768 tokens,
+   the dense path beside the new one: peak GPU memory and time), when `--train-memory` is given.
 Targets (the issue's): packed tokens/s >= 1.5 x the padded one (the faster padded variant), MFU >= 40%.
 Results: $OUT/gpu_train_check.json when OUT is set, else benchmarks/results/gpu_train_check.json (smoke:
 the scratch folder).
@@ -429,16 +438,65 @@ def packed_run(
                 "step_time": r["step_time"],
                 "iteration": times[i + 1] - times[i],
                 "loss": r["loss"],
+                "peak_memory_mib": r.get("peak_memory_mib"),
             }
             for i, r in enumerate(steps)
         ],  # fmt: skip
         "deepspeed": config["deepspeed"],
         "plan": config["plan"],
         "gpu_memory_used_mib_max": max(gpu_mem) if gpu_mem else None,  # nvidia-smi: all processes
+        "peak_memory_mib_max": max((r.get("peak_memory_mib") or 0 for r in steps), default=None),
         "recompile_log_lines": len(recompiles),
         "recompile_log_first": recompiles[:6],
         "log_tail": tail,
     }
+
+
+def attention_equality(device: str) -> dict:
+    """Loss and logits of each mask-free implementation against the dense-mask SDPA on one packed
+    micro-batch with images (a tiny Ovis; bf16 on a GPU, fp32 on CPU)."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from ovis_model.attention import FLEX_PAD_MULTIPLE
+    from ovis_model.batching import batch_to, collate_packed
+    from ovis_model.tiny import random_packed_record, tiny_ovis
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_ovis(seed=0).to(device=device, dtype=dtype).train()
+    rng = np.random.default_rng(1)
+    records = [random_packed_record(rng, [(11, 1), (7, 0), (13, 2)]), random_packed_record(rng, [(40, 0)])]
+    batch = collate_packed(
+        records, model.image_processor, model.num_visual_tokens, layout="concat",
+        pad_to_multiple_of=FLEX_PAD_MULTIPLE,
+    )  # fmt: skip
+    batch.pop("n_supervised")
+    batch = batch_to(batch, device, dtype)
+    impls = ["sdpa_segments"] + (["flex_attention"] if device == "cuda" else [])
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        impls.append("flash_attention_2")
+    results = {}
+
+    def run(attn: str) -> tuple[float, torch.Tensor]:
+        model.set_llm_attention(attn)
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, return_logits=True)
+        out.loss_sum.backward()
+        return float(out.loss_sum), out.logits.detach().float()
+
+    ref_loss, ref_logits = run("sdpa")
+    for attn in impls:
+        try:
+            loss, logits = run(attn)
+            results[attn] = {
+                "loss_rel_diff": abs(loss - ref_loss) / max(abs(ref_loss), 1e-9),
+                "logits_max_abs_diff": float((logits - ref_logits).abs().max()),
+            }
+        except Exception as e:  # reported: one implementation failing must not hide the others
+            results[attn] = {"error": f"{type(e).__name__}: {e}"[:1500]}
+    return {"dtype": str(dtype), "reference": "sdpa (dense mask)", "results": results}
 
 
 def packed_step_flops(work: Path, shapes: dict, nv: int, records: list[dict], n_steps: int, ga: int) -> list:
@@ -622,6 +680,14 @@ def main() -> None:
     ap.add_argument("--padded-steps", type=int, default=None)
     ap.add_argument("--padded-variants", default="sdpa_causal,sdpa_mask")
     ap.add_argument(
+        "--compare-attns",
+        default="flash_attention_2,sdpa",
+        help="more packed runs, one per attention implementation (flash_attention_2 only if installed)",
+    )
+    ap.add_argument(
+        "--train-memory", action="store_true", help="also run benchmarks/train_memory.py on the device"
+    )
+    ap.add_argument(
         "--repeat", type=int, default=None, help="times each stage-3 demo row is used (default 4)"
     )
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H200 SXM: 989)")
@@ -736,6 +802,64 @@ def main() -> None:
             log(f"packed ({packed['attn']}): {r['tokens_per_s']:,.0f} real tokens/s, MFU {r['mfu']:.1%} over "
                 f"{r['steps']} steps (grad accum {ga}); token counts rebuilt from the plan match: "
                 f"{packed['flops_accounting_matches_trainer']}")  # fmt: skip
+
+        # equality of the attention implementations on this device (seconds)
+        try:
+            report["attention_equality"] = attention_equality(device)
+            eq = report["attention_equality"]["results"]
+            log(f"attention equality vs the dense mask: {json.dumps(eq)}")
+        except Exception as e:  # reported; the throughput runs go on
+            report["attention_equality"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+
+        # the padded baseline reads the DeepSpeed config of the main packed run: keep it aside
+        main_config = work / "run" / "stage3" / "config.json"
+        kept_config = work / "packed_config.json"
+        if main_config.is_file():
+            shutil.copyfile(main_config, kept_config)
+        report["packed_by_attn"] = {}
+        if packed is not None:
+            report["packed_by_attn"][packed["attn"]] = {
+                "rate": packed["rate"], "peak_memory_mib_max": packed.get("peak_memory_mib_max"),
+            }  # fmt: skip
+        import importlib.util
+
+        for attn in [a for a in args.compare_attns.split(",") if a and a != args.attn]:
+            if attn.startswith("flash") and importlib.util.find_spec("flash_attn") is None:
+                report["packed_by_attn"][attn] = {"skipped": "flash-attn is not installed"}
+                continue
+            remaining = budget - elapsed()
+            if remaining < 150:
+                report["packed_by_attn"][attn] = {"skipped": f"time budget ({remaining:.0f} s left)"}
+                continue
+            log(f"packed: ovis-train, {attn} (comparison)")
+            try:
+                other = packed_run(work, model_dir, shapes, args, attn, time.time() + 0.3 * remaining)
+                timed = other["steps"][args.warmup :] or other["steps"][1:]
+                ga = other["plan"]["grad_accum"]
+                for row, (_tok, fl) in zip(
+                    other["steps"], packed_step_flops(work, shapes, nv, records, len(other["steps"]), ga),
+                    strict=True,
+                ):  # fmt: skip
+                    row["flops"] = fl
+                report["packed_by_attn"][attn] = {
+                    "rate": rate(timed, "tokens", "iteration", "flops", peak),
+                    "peak_memory_mib_max": other.get("peak_memory_mib_max"),
+                    "ended": other["ended"],
+                }
+                r = report["packed_by_attn"][attn]["rate"]
+                log(f"packed ({attn}): {r['tokens_per_s']:,.0f} real tokens/s, MFU {r['mfu']:.1%}, peak "
+                    f"{other.get('peak_memory_mib_max') or 0:,.0f} MiB")  # fmt: skip
+            except Exception as e:  # reported; the rest goes on
+                report["packed_by_attn"][attn] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+        if kept_config.is_file():
+            main_config.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept_config, main_config)
+
+        if args.train_memory and budget - elapsed() > 120:
+            cmd = [sys.executable, str(REPO / "benchmarks" / "train_memory.py"), "--device", device]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=REPO,
+                               timeout=max(60.0, budget - elapsed() - 60))  # fmt: skip
+            report["train_memory"] = {"returncode": p.returncode, "stdout_tail": p.stdout[-4000:]}
 
         # padded: the DeepSpeed config the trainer wrote (its config.json comes before any step)
         config_path = work / "run" / "stage3" / "config.json"

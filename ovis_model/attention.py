@@ -4,10 +4,15 @@ A row is described by `segment_ids` (which sub-sample each token belongs to; pad
 of its own, so no query row is ever fully masked) and `position_ids` (restarting at 0 in each segment).
 From them each attention implementation gets what it needs:
 
-- sdpa:  a 4D boolean block-diagonal causal mask (True = attend), returned as-is by transformers' mask code;
-- eager: the same mask as an additive float mask;
-- flex_attention: a `BlockMask` over the flattened document ids;
-- flash_attention_2/3 (varlen): `cu_seq_lens_*` / `max_length_*` over the flattened batch, no mask.
+- sdpa_segments (the CPU default): the segments' bounds; `ovis_model.segment_attention` runs SDPA on each
+  segment (short neighbours grouped), so memory follows the sum of the segments' squares, never L²;
+- flex_attention (the CUDA default without flash-attn): a `BlockMask` built from the segments' bounds at
+  block granularity (no L x L tensor), the masked blocks skipped by the kernel;
+- flash_attention_2/3 (varlen, the default where flash-attn is installed): `cu_seq_lens_*` /
+  `max_length_*` over the flattened batch, no mask;
+- sdpa: a dense 4D boolean block-diagonal causal mask (True = attend), returned as-is by transformers' mask
+  code: memory and compute grow with L² (kept as the reference the others are tested against);
+- eager: the same dense mask as an additive float mask.
 """
 
 from __future__ import annotations
@@ -16,16 +21,38 @@ from typing import Any
 
 import torch
 
+from .segment_attention import SEGMENT_ATTENTION, no_mask, segment_windows
+
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
+# flex attention's tile; its micro-batches are padded to FLEX_PAD_MULTIPLE tokens (a multiple of the tile) so
+# that the compiled kernel sees few distinct lengths (each new one may recompile)
+FLEX_BLOCK = 128
+FLEX_PAD_MULTIPLE = 512
 
 
-def default_attn_implementation() -> str:
-    """Varlen flash attention where flash-attn is installed with a GPU, else SDPA with a block mask."""
+def default_attn_implementation(device_type: str | None = None, packed: bool = True) -> str:
+    """For packed training, the fastest implementation that never builds an L x L mask: varlen flash
+    attention where flash-attn is installed with a GPU, flex attention on other GPUs, per-segment SDPA on
+    CPU. For one sequence at a time (`packed=False`: chat, generation) flash attention where installed,
+    else SDPA (causal, no mask to build)."""
     import importlib.util
 
-    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+    cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+    if cuda and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    if not packed:
+        return "sdpa"
+    return "flex_attention" if cuda else SEGMENT_ATTENTION
+
+
+def pad_multiple(attn_implementation: str | None) -> int | None:
+    """The length a micro-batch is padded to a multiple of, for this implementation (None: no padding)."""
+    return FLEX_PAD_MULTIPLE if attn_implementation == "flex_attention" else None
+
+
+def log_recompiles() -> None:
+    """Have torch.compile log each recompilation and its reason (flex attention compiles per shape)."""
+    torch._logging.set_logs(recompiles=True)
 
 
 def is_varlen(attn_implementation: str | None) -> bool:
@@ -66,16 +93,55 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def flex_block_mask(segment_ids: torch.Tensor) -> Any:
-    """A flex-attention `BlockMask` for the block-diagonal causal pattern (masked blocks are skipped)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def flex_block_mask(segment_ids: torch.Tensor, block: int = FLEX_BLOCK) -> Any:
+    """A flex-attention `BlockMask` for the block-diagonal causal pattern, built at tile granularity.
+
+    Segment ids never decrease along a row (sub-samples are laid out one after another), so a tile pair
+    (query tile i, key tile j <= i) holds a visible entry iff the key tile's last segment reaches the query
+    tile's first one, and is "full" (no mask_mod needed) iff both tiles lie in one segment and j < i. Only
+    `[B, L/block, L/block]` booleans are built, never `create_block_mask`'s dense `[B, L, L]` evaluation.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     batch, length = segment_ids.shape
+    n = -(-length // block)
+    # the last partial tile is padded with one more segment id (never visible to the real tokens)
+    seg = torch.nn.functional.pad(segment_ids, (0, n * block - length), value=int(segment_ids.max()) + 1)
+    tiles = seg.view(batch, n, block)
+    first, last = tiles[..., 0], tiles[..., -1]
+    idx = torch.arange(n, device=seg.device)
+    lower = idx[None, :, None] >= idx[None, None, :]  # key tile j <= query tile i
+    visible = lower & (last[:, None, :] >= first[:, :, None])
+    whole = (first == last) & (length - idx * block >= block)  # tile inside one segment, not the padded one
+    full = (
+        (idx[None, :, None] > idx[None, None, :])
+        & whole[:, :, None]
+        & whole[:, None, :]
+        & (first[:, :, None] == first[:, None, :])
+    )
+    partial = visible & ~full
+
+    def indices(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = pattern.sum(-1, dtype=torch.int32)[:, None]  # [B, 1 head, n]
+        # visible tiles first, in ascending order (a stable sort of the negated pattern)
+        order = torch.sort((~pattern).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+        return counts, order[:, None]
+
+    kv_num, kv_idx = indices(partial)
+    full_num, full_idx = indices(full)
 
     def document_causal(b, h, q_idx, kv_idx):  # noqa: ANN001 (flex's mask_mod signature)
-        return (segment_ids[b, q_idx] == segment_ids[b, kv_idx]) & (kv_idx <= q_idx)
+        return (seg[b, q_idx] == seg[b, kv_idx]) & (kv_idx <= q_idx)
 
-    return create_block_mask(document_causal, batch, None, length, length, device=segment_ids.device)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block,
+        mask_mod=document_causal,
+        seq_lengths=(length, length),
+    )
 
 
 def flat_lengths(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -115,13 +181,18 @@ def llm_attention_kwargs(
             "max_length_q": max_seqlen,
             "max_length_k": max_seqlen,
         }
-    if impl == "flex_attention":
-        # Inductor picks its decoding kernel for short queries, which found no valid config on an H200
-        # (torch 2.11): force the training kernel, right for packed sequences anyway.
+    if impl == SEGMENT_ATTENTION:
         return {
-            "attention_mask": flex_block_mask(segment_ids),
-            "kernel_options": {"FORCE_USE_FLEX_ATTENTION": True},
+            "attention_mask": no_mask(segment_ids.shape[0], segment_ids.device),
+            "segment_windows": segment_windows(segment_ids),
         }
+    if impl == "flex_attention":
+        kwargs: dict[str, Any] = {"attention_mask": flex_block_mask(segment_ids)}
+        if segment_ids.is_cuda:
+            # Inductor picks its decoding kernel for short queries, which found no valid config on an H200
+            # (torch 2.11): force the training kernel, right for packed sequences anyway.
+            kwargs["kernel_options"] = {"FORCE_USE_FLEX_ATTENTION": True}
+        return kwargs
     mask = block_causal_mask(segment_ids)
     if impl == "eager":
         return {"attention_mask": additive_mask(mask, dtype)}

@@ -26,6 +26,7 @@ from ovis_data.shardformat import placeholder_mismatch
 
 from .attention import default_attn_implementation, llm_attention_kwargs, positions_from_lengths
 from .chat import chat
+from .chunked import CHUNK_ELEMENTS, lm_loss_sum, soft_visual_embeddings
 from .configuration import VISUAL_VOCAB_SIZE, OvisConfig, VisualTokenizerConfig
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from .embedding import VisualEmbedding
@@ -96,6 +97,10 @@ class Ovis(PreTrainedModel):
         # None: a micro-batch without images runs the ViT on a stand-in only where training needs it (see
         # _stand_in_needed); True forces the stand-in, False never runs it.
         self.sync_visual_forward: bool | None = None
+        # elements per chunk of the LM loss and of the visual head (ovis_model.chunked); None computes each
+        # in one piece (the reference the chunked paths are tested against)
+        self.loss_chunk_elements: int | None = CHUNK_ELEMENTS
+        self.visual_chunk_elements: int | None = CHUNK_ELEMENTS
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -112,7 +117,8 @@ class Ovis(PreTrainedModel):
         return self.llm.config._attn_implementation
 
     def set_llm_attention(self, attn_implementation: str) -> None:
-        """LLM attention: sdpa (block mask), eager, flex_attention or flash_attention_2 (varlen)."""
+        """LLM attention (ovis_model.attention): sdpa_segments (per segment), flex_attention (block mask),
+        flash_attention_2 (varlen), or the dense-mask sdpa / eager."""
         if hasattr(self.llm, "set_attn_implementation"):
             self.llm.set_attn_implementation(attn_implementation)
         else:  # older transformers
@@ -135,9 +141,11 @@ class Ovis(PreTrainedModel):
     def visual_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[n, num_visual_tokens, hidden]`: soft VTE lookup of the patches, framed by the indicator rows.
 
-        Equal to `vte(visual_tokenizer(pixel_values))` without building the `[n, tokens, V]` one-hot frame.
+        Equal to `vte(visual_tokenizer(pixel_values))` without building the `[n, tokens, V]` one-hot frame,
+        the head and soft lookup a chunk of patches at a time (`visual_chunk_elements`).
         """
-        embeds = self.vte(self.visual_tokenizer.patch_probabilities(pixel_values))
+        features = self.visual_tokenizer.encode(pixel_values)
+        embeds = soft_visual_embeddings(self.visual_tokenizer, self.vte, features, self.visual_chunk_elements)
         if self.config.visual_tokenizer_config.use_indicators:
             v = self.config.visual_tokenizer_config.vocab_size
             indicators = self.vte(torch.tensor([v - 2, v - 1], device=embeds.device))
@@ -254,8 +262,16 @@ class Ovis(PreTrainedModel):
             return OvisOutput(logits=logits)
         targets = shift_targets(labels.to(hidden.device), segment_ids)
         supervised = targets != IGNORE_INDEX
-        selected = logits[supervised] if logits is not None else self.lm_logits(hidden[supervised])
-        loss_sum = F.cross_entropy(selected.float(), targets[supervised], reduction="sum")
+        if logits is not None:
+            loss_sum = F.cross_entropy(logits[supervised].float(), targets[supervised], reduction="sum")
+        else:  # never the whole [positions, vocab] logits at once (ovis_model.chunked)
+            loss_sum = lm_loss_sum(
+                self.llm.get_output_embeddings(),
+                hidden[supervised],
+                targets[supervised],
+                getattr(self.llm.config, "final_logit_softcapping", None),
+                self.loss_chunk_elements,
+            )
         n_tokens = supervised.sum()
         normalizer = loss_normalizer if loss_normalizer is not None else n_tokens.clamp(min=1)
         return OvisOutput(loss=loss_sum / normalizer, loss_sum=loss_sum, n_tokens=n_tokens, logits=logits)
@@ -283,7 +299,7 @@ class Ovis(PreTrainedModel):
 
         re_init_layers: re-initialise the ViT's last N blocks (stage 1 of v1 re-initialised the last one).
         attn_implementation: the LLM's attention; "auto" = flash_attention_2 (varlen) where flash-attn and a
-        GPU are present, else sdpa with block-diagonal masks.
+        GPU are present, flex_attention on other GPUs, sdpa_segments (per-segment SDPA) on CPU.
         """
         if attn_implementation == "auto":
             attn_implementation = default_attn_implementation()
@@ -361,11 +377,12 @@ class Ovis(PreTrainedModel):
     ) -> Ovis:
         """Load a directory written by `save_pretrained` (offline: it is self-contained).
 
-        attn_implementation: as in `from_parts` ("auto" by default).
+        attn_implementation: "auto" (the default) = flash_attention_2 where flash-attn and a GPU are present,
+        else sdpa: right for chat and generation; the trainer passes its packed-training choice.
         """
         attn_implementation = kwargs.pop("attn_implementation", "auto")
         if attn_implementation == "auto":
-            attn_implementation = default_attn_implementation()
+            attn_implementation = default_attn_implementation(packed=False)
         kwargs.setdefault("local_files_only", True)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if isinstance(model, tuple):  # output_loading_info=True

@@ -94,10 +94,13 @@ def train_command(
     folder. Checkpoints go to RUN/stageN/checkpoints (every train.save_every steps and on SIGTERM), metrics
     to RUN/stageN/metrics.jsonl and tensorboard/, the final model to RUN/stageN/model.
 
-    Examples (stage 1 from a base LLM and ViT; stage 2 from stage 1's model; a short try on the demo's data):
+    Examples (stage 1 from a base LLM and ViT; stage 2 from stage 1's model; a short stage-3 try right
+    after `ovis-data demo --out demo_out`, from the demo's stage-2 model, 16 samples a step, a few minutes
+    on CPU):
         ovis-train --stage 1 --data /data/packed --out /runs/ovis --llm /models/qwen2.5 --vit /models/clip
         ovis-train --stage 2 --data /data/packed --out /runs/ovis
-        ovis-train --stage 3 --data demo_out/packed --out demo_out/run --max-steps 4
+        ovis-train --stage 3 --data demo_out/packed --out demo_out/try --init demo_out/run/stage2/model \\
+            --max-steps 4 --set train.global_batch_samples=16
 
     On 8 GPUs: torchrun --nproc_per_node 8 -m ovis_model.train --stage 3 --data /data/packed --out /runs/ovis
 

@@ -45,6 +45,7 @@ TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "eval_every": (int, 0),  # steps between val losses (0: only at the end); needs a packed val split
     "keep_best": (bool, False),  # RUN/stageN/model_best: the model with the lowest val loss
     "peak_tflops": (float, 0.0),  # per device, for MFU; 0: the table of known GPUs (ovis_model.train.flops)
+    "memory_check": (bool, True),  # refuse a micro-batch budget estimated not to fit (train/memory.py)
 }
 MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "init": (str, "previous"),  # "parts" (base LLM + base ViT) or "previous" (a stage's model directory)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..batching import batch_to
-from . import checkpoint
+from . import checkpoint, memory
 from .evaluate import Evaluator
 from .flops import Throughput
 from .loader import TrainLoader
@@ -28,6 +28,7 @@ from .setup import (
     build_engine,
     build_loader,
     build_model,
+    check_memory,
     init_distributed,
     lock_run,
     prepare,
@@ -53,6 +54,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
     loader = build_loader(prep, model, rank, world)
     plan = step_plan(prep, loader, world)
     engine, ds_config = build_engine(prep, model, plan, world, bf16)
+    check_memory(prep, model, device, world, bf16)  # a budget that cannot fit: TrainError (exit 2) now
     ckpt_dir = run_dir / "checkpoints"
     step = (
         resume_from_checkpoint(engine, loader, ckpt_dir, device, say if main else _quiet)
@@ -64,10 +66,11 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
         run_dir.mkdir(parents=True, exist_ok=True)
         effective = {"config": json.loads(cfg.to_json()), "deepspeed": ds_config, "world_size": world}
         effective["plan"] = plan.__dict__ | {"micro_batch_tokens": cfg.micro_batch_tokens, "bf16": bf16}
+        effective["attn_implementation"] = model.attn_implementation  # "auto" resolved
         (run_dir / "config.json").write_text(json.dumps(effective, indent=1, sort_keys=True) + "\n")
         say(
             f"stage {cfg.stage} ({Path(cfg.recipe).name}) on {world} rank(s), {device.type}, "
-            f"{'bf16' if bf16 else 'fp32'}; data {prep.data_dir}"
+            f"{'bf16' if bf16 else 'fp32'}, attention {model.attn_implementation}; data {prep.data_dir}"
         )
         write_module_table(model, run_dir / "modules.txt")
         for part, trained, total in trainable_rows(model):
@@ -94,6 +97,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
     try:
         while step < plan.steps:
             t0 = time.perf_counter()
+            memory.reset_peak(device)
             batches = next_step(micro_batches, plan.grad_accum)
             global_count = global_supervised(batches, device)
             if cfg.train["skip_bad_shards"]:
@@ -120,6 +124,7 @@ def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
                     "samples": int(samples),
                     "supervised": global_count,
                     "step_time": time.perf_counter() - t0,
+                    "peak_memory_mib": memory.peak_bytes(device) / 2**20,  # rank 0's (GPU: tensors; CPU: RSS)
                     # the epoch the step's micro-batches came from, 0-based as in epoch_end events (the
                     # loader has moved to the next one once the last micro-batch of an epoch is out)
                     "epoch": int(batches[0]["meta"]["epoch"]),

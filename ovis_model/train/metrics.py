@@ -1,7 +1,7 @@
 """What a run shows and keeps: a progress line, metrics as JSON lines and TensorBoard event files.
 
-Only rank 0 writes. The progress line (step, loss, lr, grad norm, tokens/s, samples/s, ETA) is a rich
-live line on a terminal and plain lines every `log_every` steps elsewhere (CI logs stay readable).
+Only rank 0 writes. The progress line (step, loss, lr, grad norm, tokens/s, samples/s, ETA, peak memory) is
+a rich live line on a terminal and plain lines every `log_every` steps elsewhere (CI logs stay readable).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class Metrics:
                 f"{rates['tokens_per_s']:,.0f} tok/s  {rates['samples_per_s']:,.1f} samples/s  "
                 f"ETA {_duration(eta)}"
             )
+            if "peak_memory_mib" in values:
+                line += f"  peak {values['peak_memory_mib'] / 1024:.2f} GiB"
             if self.live:
                 self.console.print(line, end="\r" if step < self.total else "\n", highlight=False)
             else:

@@ -18,6 +18,7 @@ from ovis_data.recipes import select_recipe
 from ovis_data.shardformat import MANIFEST
 from ovis_data.storage import AnyPath, as_path
 
+from ..attention import default_attn_implementation, log_recompiles, pad_multiple
 from ..model_dir import check_safetensors_only
 from ..trainable import select_trainable, visual_sync_mode
 from . import checkpoint
@@ -197,6 +198,8 @@ def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None)
     cfg = prep.cfg
     torch.manual_seed(cfg.train["seed"])  # stage 1's fresh head and VTE, the re-initialised ViT block
     attn = cfg.model["attn_implementation"]
+    if attn == "auto":  # packed micro-batches: never the dense L x L mask (ovis_model.attention)
+        attn = default_attn_implementation("cuda" if torch.cuda.is_available() else "cpu")
     if prep.init_dir is None:
         model = Ovis.from_parts(
             llm=args.llm,
@@ -228,6 +231,8 @@ def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None)
         raise TrainError(f"{cfg.recipe}: {e}" if not isinstance(e, ContractError) else str(e)) from e
     if cfg.train["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
+    if model.attn_implementation == "flex_attention":
+        log_recompiles()
     return model
 
 
@@ -278,11 +283,35 @@ def build_loader(prep: Prepared, model: Ovis, rank: int, world: int) -> TrainLoa
             rank=rank,
             world_size=world,
             pad_token_id=pad,
+            pad_to_multiple_of=pad_multiple(model.attn_implementation),  # few shapes for flex's compiler
             skip_bad_shards=cfg.train["skip_bad_shards"],
         )
     except ValueError as e:
         raise TrainError(str(e)) from e
     return TrainLoader(dataset, num_workers=cfg.train["num_workers"])
+
+
+def check_memory(prep: Prepared, model: Ovis, device: torch.device, world: int, bf16: bool) -> None:
+    """Refuse (TrainError) a micro-batch budget whose estimated memory exceeds what is available, on every
+    rank at once (`train.memory_check = false` skips the estimate)."""
+    from .loss import all_reduce_sum
+    from .memory import check_fits
+
+    cfg = prep.cfg
+    if not cfg.train["memory_check"]:
+        return
+    problem = check_fits(
+        model,
+        cfg.micro_batch_tokens,
+        device,
+        dtype_bytes=2 if bf16 else 4,
+        gradient_checkpointing=cfg.train["gradient_checkpointing"],
+        world_size=world,
+        zero_stage=_zero_stage(cfg),
+        capacity=prep.manifest.get("capacity"),
+    )
+    if all_reduce_sum([float(problem is not None)], device)[0] > 0:
+        raise TrainError(problem or "the micro-batch budget does not fit in another rank's memory")
 
 
 def step_plan(prep: Prepared, loader: TrainLoader, world: int) -> StepPlan:
