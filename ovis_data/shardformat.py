@@ -26,6 +26,7 @@ from .storage import RemotePath, as_path
 
 FORMAT = "ovis-packed-v1"
 MANIFEST = "manifest.json"
+VAL_DIR = "val"  # OUT/stageN/val/: the held-out split (pack --holdout), same format, its own manifest
 # Per shard in the manifest; the per-record lists let a loader plan micro-batches without opening tars.
 SHARD_KEYS = (
     "name",

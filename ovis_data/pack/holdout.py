@@ -16,24 +16,15 @@ a stage is complete, val split included, when OUT/stageN/manifest.json is there.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
 from ..errors import OvisDataError
-from ..shardformat import MANIFEST, shard_index, shard_name
 from .manifest import DropReason
-from .packing import pack_lengths
-from .worker import WORK, PackConfig, Unit
+from .worker import Unit
 
-VAL_DIR = "val"
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
@@ -133,65 +124,3 @@ def split_selection(
     val.lengths.append(true_len[good])
     val.images.append(n_img[good])
     return chosen[~out]
-
-
-def write_val_split(
-    cfg: PackConfig,
-    val: ValSelection,
-    write_shards: Callable[[PackConfig, list[tuple]], list[dict]],
-    build_manifest: Callable[[PackConfig, dict, list[dict]], dict],
-) -> dict:
-    """Pack and write the held-out samples into OUT/stageN/val/ (shards, then its manifest) with the
-    stage's settings; `write_shards(cfg, tasks)` and `build_manifest(cfg, datasets, shards)` are the
-    stage's own. Resumes like the stage: a shard whose tar and stats are there is not written again."""
-    out_dir = Path(cfg.out) / VAL_DIR
-    vcfg = replace(cfg, out=str(out_dir), publish=f"{cfg.publish}/{VAL_DIR}" if cfg.publish else None)
-    # the training split's mapped image indexes serve the val shards' writers too (hard links: no copy)
-    src_index, dst_index = Path(cfg.out) / WORK / "tok" / "index", out_dir / WORK / "tok" / "index"
-    if src_index.is_dir():
-        dst_index.mkdir(parents=True, exist_ok=True)
-        for f in src_index.iterdir():
-            dst = dst_index / f.name
-            dst.unlink(missing_ok=True)
-            try:
-                os.link(f, dst)
-            except OSError:
-                shutil.copyfile(f, dst)
-    items = np.concatenate([np.zeros(0, dtype=np.int64), *val.items])
-    lengths = np.concatenate([np.zeros(0, dtype=np.int64), *val.lengths])
-    images = np.concatenate([np.zeros(0, dtype=np.int64), *val.images])
-    packing = pack_lengths(
-        lengths,
-        cfg.capacity,
-        images=images,
-        max_images=cfg.max_images,
-        buffer_size=cfg.buffer_size,
-        seed=cfg.seed,
-    )
-    samples, sizes = items[packing.order], np.diff(packing.offsets)
-    n_shards = math.ceil(packing.n_packs / cfg.packs_per_shard)
-    done, tasks = {}, []
-    for s in range(n_shards):
-        stats_path = out_dir / WORK / "shards" / f"{s:05d}.json"
-        if (out_dir / shard_name(cfg.stage, s)).exists() and stats_path.exists():
-            done[s] = json.loads(stats_path.read_text(encoding="utf-8"))
-            continue
-        p0, p1 = s * cfg.packs_per_shard, min(packing.n_packs, (s + 1) * cfg.packs_per_shard)
-        tasks.append((s, sizes[p0:p1], samples[packing.offsets[p0] : packing.offsets[p1]]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for st in write_shards(vcfg, tasks):
-        done[shard_index(st["name"])] = st
-    manifest = build_manifest(vcfg, val.datasets, [done[s] for s in range(n_shards)])
-    manifest["split"] = VAL_DIR
-    path = out_dir / MANIFEST
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(
-        json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    os.replace(tmp, path)
-    if vcfg.publish is not None:
-        from ..storage import as_path
-
-        (as_path(vcfg.publish) / MANIFEST).put_file(path)
-    shutil.rmtree(out_dir / WORK / "tok", ignore_errors=True)
-    return manifest

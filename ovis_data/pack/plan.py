@@ -120,6 +120,24 @@ def plan_stage(cfg: PackConfig, recipe: StageRecipe, units: list[Unit], holdout:
     del items
     lengths, images = true_len[items_arr], n_img[items_arr]
     del true_len, n_img
+    samples, offsets = _pack(cfg, items_arr, lengths, images)
+    del lengths, images
+    return StagePlan(datasets, bases, samples, offsets, val)
+
+
+def val_plan(cfg: PackConfig, plan: StagePlan) -> StagePlan:
+    """The held-out samples packed as the training ones are (same capacity, cap and seed)."""
+    assert plan.val is not None
+    items, lengths, images = (
+        np.concatenate([np.zeros(0, dtype=np.int64), *parts])
+        for parts in (plan.val.items, plan.val.lengths, plan.val.images)
+    )
+    samples, offsets = _pack(cfg, items, lengths, images)
+    return StagePlan(plan.val.datasets, plan.bases, samples, offsets)
+
+
+def _pack(cfg: PackConfig, items: np.ndarray, lengths: np.ndarray, images: np.ndarray):
+    """(sample numbers pack after pack, pack offsets) of `items` with these lengths and image counts."""
     packing = pack_lengths(
         lengths,
         cfg.capacity,
@@ -128,5 +146,4 @@ def plan_stage(cfg: PackConfig, recipe: StageRecipe, units: list[Unit], holdout:
         buffer_size=cfg.buffer_size,
         seed=cfg.seed,
     )
-    del lengths, images
-    return StagePlan(datasets, bases, items_arr[packing.order], packing.offsets, val)
+    return items[packing.order], packing.offsets

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from numbers import Integral
 from pathlib import Path
 
@@ -26,13 +26,13 @@ from ..errors import OvisDataError
 from ..imagestore import INDEX_SCHEMA, index_file, is_shard_dir
 from ..recipes import StageRecipe, load_recipe
 from ..registry import DEFAULT_CAPTION_TEMPLATE, DatasetSpec, load_registry, resolve_root
-from ..shardformat import FORMAT, MANIFEST, SHARD_KEYS, manifest_is_current, shard_index, shard_name
+from ..shardformat import FORMAT, MANIFEST, SHARD_KEYS, VAL_DIR, manifest_is_current, shard_index, shard_name
 from ..storage import RemotePath, is_url, staging_dir
 from .dispatch import Progress, run_tasks
-from .holdout import check_fraction, write_val_split
+from .holdout import check_fraction
 from .manifest import build_manifest
 from .packing import DEFAULT_BUFFER
-from .plan import StagePlan, plan_stage
+from .plan import StagePlan, plan_stage, val_plan
 from .templates import detect_chat_format
 from .tokenize import load_tokenizer, tokenizer_identity, vocab_identity
 from .worker import WORK, PackConfig, PackWorker, Unit, atomic_json, mapped_index_path
@@ -123,22 +123,14 @@ def pack_stage(
     plan = plan_stage(cfg, recipe, units, holdout)
     shards = _write_shards(cfg, units, plan, backend_json, remote_out, processes, progress, ray)
     if plan.val is not None:  # before the stage's manifest, which says the stage (val split too) is complete
-        init = (cfg, backend_json, units, plan.bases)
-        write_val_split(
-            cfg,
-            plan.val,
-            lambda c, t: run_tasks(
-                PackWorker.write_shard,
-                t,
-                processes,
-                (c, *init[1:]),
-                "write val",
-                progress,
-                [len(x[1]) for x in t],
-                ray=ray,
-            ),
-            lambda c, d, s: build_manifest(c, recipe, identity, inputs_sha, caption_templates, d, s),
+        vcfg = _val_settings(cfg)
+        vshards = _write_shards(
+            vcfg, units, val_plan(cfg, plan), backend_json, None, processes, progress, ray
         )
+        vmanifest = build_manifest(
+            vcfg, recipe, identity, inputs_sha, caption_templates, plan.val.datasets, vshards
+        )
+        _publish(vcfg, {**vmanifest, "split": VAL_DIR}, remote_out / VAL_DIR if remote_out else None)
     manifest = build_manifest(cfg, recipe, identity, inputs_sha, caption_templates, plan.datasets, shards)
     _publish(cfg, manifest, remote_out)
     return manifest
@@ -339,6 +331,25 @@ def _publish(cfg: PackConfig, manifest: dict, remote_out: RemotePath | None) -> 
     if remote_out is not None:
         (remote_out / MANIFEST).put_file(out_dir / MANIFEST)
     shutil.rmtree(out_dir / WORK / "tok", ignore_errors=True)
+
+
+def _val_settings(cfg: PackConfig) -> PackConfig:
+    """The held-out split's settings: the stage's, written into OUT/stageN/val/. Its shard writers read the
+    training split's mapped image indexes (hard links: no second sort of a 10M-row index)."""
+    vcfg = replace(
+        cfg, out=str(Path(cfg.out) / VAL_DIR), publish=f"{cfg.publish}/{VAL_DIR}" if cfg.publish else None
+    )
+    Path(vcfg.out).mkdir(parents=True, exist_ok=True)
+    for dataset in cfg.image_dirs:
+        src, dst = mapped_index_path(cfg, dataset), mapped_index_path(vcfg, dataset)
+        if src.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+    return vcfg
 
 
 def _pull_state(remote: RemotePath, local: Path) -> None:

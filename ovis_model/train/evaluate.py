@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ovis_data.pack.holdout import VAL_DIR
-from ovis_data.shardformat import MANIFEST, read_manifest
+from ovis_data.shardformat import MANIFEST, VAL_DIR, read_manifest
 from ovis_data.shards import iter_records
 from ovis_data.storage import AnyPath
 
