@@ -11,6 +11,7 @@ from rich.table import Table
 from ..clikit import ProgressDisplay
 from ..pack.stage import PACKS_PER_SHARD, pack_stage
 from ..recipes import select_recipe
+from ..report.hint import report_hint
 from ..storage import as_path
 from .app import app
 from .common import InfoOption, QuietOption, RecipeOption, RootOption, console
@@ -108,3 +109,5 @@ def pack(
         f"shards, fill {manifest['fill']:.2%}; dropped: "
         + (", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none")
     )
+    hint = report_hint(root, stage=stage, recipe=recipe, packed=out, dataset_info=dataset_info)
+    console.print(hint, soft_wrap=True, highlight=False)

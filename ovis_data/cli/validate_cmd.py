@@ -10,6 +10,7 @@ import typer
 from ..clikit import ProgressDisplay
 from ..recipes import select_recipe
 from ..registry import load_registry, resolve_root, select
+from ..report.hint import report_hint
 from ..validate.bad_samples_report import summary_table, write_report
 from ..validate.dataset import validate_dataset
 from ..validate.imagecheck import DEFAULT_MAX_PIXELS, ImageLimits
@@ -103,5 +104,7 @@ def validate(
     if report:
         write_report(report, results, base, catalog_dir)
         console.print(f"report written to {report}")
+    hint = report_hint(base, stage=stage, names=names, recipe=recipe, dataset_info=dataset_info)
+    console.print(hint, soft_wrap=True, highlight=False)
     bad = sum(r.bad for r in results) + sum(1 for r in results if r.error)
     raise typer.Exit(1 if bad else 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def report_hint(
-    root: str | Path,
+    root: str | Path | None,
     *,
     stage: int | None = None,
     names: list[str] | None = None,
@@ -25,7 +25,8 @@ def report_hint(
         args += list(names or [])
     if dataset_info is not None:
         args += ["--dataset-info", str(dataset_info)]
-    args += ["--root", str(root)]
+    if root is not None:  # else $OVIS_DATA_ROOT, as for the command that printed this
+        args += ["--root", str(root)]
     if packed is not None:
         args += ["--packed", str(packed)]
     args += ["--out", "report.html"]
