@@ -12,6 +12,7 @@ from .fetch import FetchOptions, NetParams, fetch_datasets, serve_directory
 from .pack.stage import pack_stage
 from .pack.tokenize import bundled_qwen_tokenizer_dir
 from .registry import load_registry
+from .report.build import make_report, select_datasets
 from .validate.bad_samples_report import summary_table, write_report
 from .validate.dataset import validate_dataset
 
@@ -153,13 +154,18 @@ def run_demo(
         soft_wrap=True,
     )
 
+    # the data at a glance: stage 3's datasets and its packed shards, one HTML page
+    stage3 = select_datasets(3, None, None, None)
+    make_report(stage3, root, out / "report.html", packed=out / "packed", seed=seed)
+
     good = sum(r.good for r in results)
     bad = sum(r.bad for r in results)
     records = sum(m["records"] for m in manifests.values())
     return (
         f"\ndemo done: {good} good samples, {bad} deliberately broken ones caught (report: "
         f"{out / 'validate_report.json'}); {records} packed sequences in {out / 'packed'}; runs in "
-        f"{out / 'run'}.\nLook inside a shard: ovis-data inspect "
+        f"{out / 'run'}.\nLook at the data in a browser: {out / 'report.html'}\n"
+        f"Look inside a shard: ovis-data inspect "
         f"{out / 'packed' / 'stage3' / 'stage3-00000.tar'}\n"
         f"Ask the model: ovis-chat {out / 'run' / 'stage3' / 'model'} -i {out / 'example.jpg'} "
         '"Describe the image."'

@@ -1,8 +1,9 @@
 """The gallery: seeded random good and rejected samples of a dataset, with their pictures, and the good
 ones' conversations split into supervised and unsupervised runs by `inspect`'s own `segments`.
 
-A sample's place in the seeded order is hash(file row number, seed), computed by DuckDB in one scan that
-keeps only the top few rows: the same catalog and seed always give the same samples, at any size.
+A sample's place in the seeded order is DuckDB's hash of "row:seed" (its row in the file), computed in one
+scan that keeps only the top few rows: the same catalog and seed always give the same samples, at any size.
+(A string, not hash(row, seed): DuckDB hashes the integer 0 to 0, which would put row 0 first for seed 0.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .images import Picture, picture, read_images
 from .stats import sql_path
 from .tokens import SampleRenderer
 
+SEEDED_ORDER = "hash(file_row_number::VARCHAR || ':' || $seed::VARCHAR), file_row_number"
 MAX_PICTURES = 4  # per sample shown (a sample may name dozens of images)
 
 
@@ -47,7 +49,7 @@ def seeded_good(con: duckdb.DuckDBPyConnection, catalog: Path, k: int, seed: int
     """k good samples in the seeded order, returned by row."""
     rows = con.execute(
         f"""SELECT * EXCLUDE (file_row_number) FROM read_parquet({sql_path(catalog)}, file_row_number = true)
-            ORDER BY hash(file_row_number, $seed), file_row_number LIMIT $k""",
+            ORDER BY {SEEDED_ORDER} LIMIT $k""",
         {"seed": seed, "k": k},
     ).fetchall()
     names = [d[0] for d in con.description]
@@ -60,8 +62,7 @@ def seeded_rejected(con: duckdb.DuckDBPyConnection, rejected: Path, k: int, seed
     images = "images" if "images" in pq.read_schema(rejected).names else "[]::VARCHAR[] AS images"
     rows = con.execute(
         f"""SELECT row, id, reason, detail, {images} FROM (
-              SELECT *, row_number() OVER (PARTITION BY reason ORDER BY hash(file_row_number, $seed),
-                                           file_row_number) AS pick
+              SELECT *, row_number() OVER (PARTITION BY reason ORDER BY {SEEDED_ORDER}) AS pick
               FROM read_parquet({sql_path(rejected)}, file_row_number = true))
             WHERE pick <= $k ORDER BY pick, reason LIMIT $k""",
         {"seed": seed, "k": k},
