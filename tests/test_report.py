@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -112,6 +113,11 @@ def test_counts_are_validates_and_drops_are_packs(made: dict):
         len(c) for c in _images(made, "llava-pretrain-558k")
     )
     assert "seeded sample" in sizes[META_ONLY].note and sizes[META_ONLY].summary["n"] > 0
+    for d in report.datasets:
+        assert all(sum(h.counts) == h.summary["n"] for h in d.histograms), d.name
+    per_sample = next(h for h in report.datasets[1].histograms if h.title == "images per sample")
+    lengths = Counter(len(x) for x in _images(made, "llava-pretrain-558k"))
+    assert {per_sample.lo + i * per_sample.width: c for i, c in enumerate(per_sample.counts) if c} == lengths
     text_only = report.datasets[-1]
     assert [h.title for h in text_only.histograms] == [
         "text tokens per sample (approximate)",

@@ -104,7 +104,9 @@ def validate(
     if report:
         write_report(report, results, base, catalog_dir)
         console.print(f"report written to {report}")
-    hint = report_hint(base, stage=stage, names=names, recipe=recipe, dataset_info=dataset_info)
+    hint = report_hint(
+        base, stage=stage, names=names, recipe=recipe, dataset_info=dataset_info, catalog_dir=catalog_dir
+    )
     console.print(hint, soft_wrap=True, highlight=False)
     bad = sum(r.bad for r in results) + sum(1 for r in results if r.error)
     raise typer.Exit(1 if bad else 0)

@@ -14,6 +14,7 @@ def report_hint(
     recipe: str | Path | None = None,
     packed: str | Path | None = None,
     dataset_info: str | Path | None = None,
+    catalog_dir: str | Path | None = None,
 ) -> str:
     """`ovis-data report ... --out report.html` for these datasets (and packed stage), ready to paste."""
     args = ["ovis-data", "report"]
@@ -27,6 +28,8 @@ def report_hint(
         args += ["--dataset-info", str(dataset_info)]
     if root is not None:  # else $OVIS_DATA_ROOT, as for the command that printed this
         args += ["--root", str(root)]
+    if catalog_dir is not None:
+        args += ["--catalog-dir", str(catalog_dir)]
     if packed is not None:
         args += ["--packed", str(packed)]
     args += ["--out", "report.html"]
