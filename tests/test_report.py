@@ -14,6 +14,7 @@ from conftest import run_cli
 from test_templates_tokenizers import qwen_path
 from test_validate import write_shards
 
+from ovis_data.errors import OvisDataError
 from ovis_data.pack.stage import pack_stage
 from ovis_data.registry import load_registry
 from ovis_data.report.build import make_report, select_datasets
@@ -106,7 +107,7 @@ def test_counts_are_validates_and_drops_are_packs(made: dict):
     assert report.packed.manifest["datasets"] == made["manifest"]["datasets"]
     coyo = report.datasets[0]
     assert [h.title for h in coyo.histograms] == [
-        "text tokens per sample (approximate)", "images per sample", "image longer side",
+        "text tokens (approximate)", "images per sample", "image longer side",
     ]  # fmt: skip
     sizes = {d.name: d.histograms[-1] for d in report.datasets}
     assert sizes["llava-pretrain-558k"].summary["n"] == sum(
@@ -120,7 +121,7 @@ def test_counts_are_validates_and_drops_are_packs(made: dict):
     assert {per_sample.lo + i * per_sample.width: c for i, c in enumerate(per_sample.counts) if c} == lengths
     text_only = report.datasets[-1]
     assert [h.title for h in text_only.histograms] == [
-        "text tokens per sample (approximate)",
+        "text tokens (approximate)",
         "turns per sample",
     ]
     # the same inputs give the same bytes; another seed another gallery
@@ -156,34 +157,44 @@ def test_exact_tokens_with_a_tokenizer(made: dict):
     assert card.pictures[0].uri.startswith("data:image/jpeg;base64,")
 
 
-def test_validate_and_pack_end_with_the_report_command(made: dict, tmp_path: Path):
-    root = made["root"]
-    validated = run_cli("validate", "geo-177k", "--root", str(root), "--meta-only")
-    assert f"ovis-data report geo-177k --root {root} --out report.html" in validated.stdout
-    packed = run_cli(
-        "pack", "--recipe", str(made["recipe"]), "--root", str(root), "--tokenizer", qwen_path(),
-        "--out", str(made["base"] / "packed"), "--processes", "1", "--packs-per-shard", "4",
+def test_validate_and_pack_end_with_the_report_command(made: dict):
+    """Both commands, in this process (typer's runner): validate one dataset again, pack the same stage
+    again (nothing to do: the manifest is current)."""
+    from typer.testing import CliRunner
+
+    from ovis_data.cli import app
+
+    root, packed_out = made["root"], made["base"] / "packed"
+    runner = CliRunner()
+    validated = runner.invoke(app, ["validate", "geo-177k", "--root", str(root), "--meta-only"])
+    assert validated.exit_code == 1, validated.output  # it has a bad sample, and says so
+    assert f"ovis-data report geo-177k --root {root} --out report.html" in validated.output
+    packed = runner.invoke(
+        app,
+        ["pack", "--recipe", str(made["recipe"]), "--root", str(root), "--tokenizer", qwen_path(),
+         "--out", str(packed_out), "--processes", "1", "--packs-per-shard", "4", "--quiet"],
     )  # fmt: skip
-    assert packed.returncode == 0, packed.stderr
-    hint = (
-        f"ovis-data report --recipe {made['recipe']} --root {root} --packed {made['base'] / 'packed'} --out"
-    )
-    assert hint in packed.stdout.replace("\n", "")
+    assert packed.exit_code == 0, packed.output
+    hint = f"ovis-data report --recipe {made['recipe']} --root {root} --packed {packed_out} --out report.html"
+    assert hint in packed.output
 
 
 def test_usage_errors_are_one_line(made: dict, tmp_path: Path):
-    root = str(made["root"])
-    cases = [
+    root = made["root"]
+    for args, words in [
         (["--stage", "3", "geo-177k"], "give one of --stage N, dataset names, or --recipe FILE"),
-        (["coyo-11m"], "coyo-11m"),
-        (["--stage", "3", "--packed", str(tmp_path)], "no "),
         (["scienceqa-train-val-17k"], "run `ovis-data validate` first"),
-        (["geo-177k", "--samples", "-1"], "--samples"),
-    ]
-    for args, words in cases:
-        r = run_cli("report", *args, "--root", root, "--out", str(tmp_path / "x.html"))
+    ]:  # as users meet them: one line on stderr, exit 2
+        r = run_cli("report", *args, "--root", str(root), "--out", str(tmp_path / "x.html"))
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) <= 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with pytest.raises(OvisDataError, match="coyo-11m"):
+        select_datasets(None, ["coyo-11m"], None, None)
+    geo = select_datasets(None, ["geo-177k"], None, None)
+    with pytest.raises(OvisDataError, match=r"--packed .*: no .*manifest.json"):
+        make_report(geo, root, tmp_path / "x.html", packed=tmp_path)
+    with pytest.raises(OvisDataError, match="--samples"):
+        make_report(geo, root, tmp_path / "x.html", samples=-1)
     assert not (tmp_path / "x.html").exists()
 
 

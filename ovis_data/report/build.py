@@ -162,7 +162,7 @@ def dataset_section(
 
             counts = renderer.text_tokens(catalog, spec.data_format, caption_template, on_rows)
             note = f"exact: as pack renders them with {renderer.name} (template included, images not)"
-            d.histograms.append(stats.array_histogram(con, counts, "text tokens per sample", "tokens", note))
+            d.histograms.append(stats.array_histogram(con, counts, "text tokens (exact)", "tokens", note))
         else:
             d.histograms.append(stats.approximate_tokens(con, catalog, spec.data_format))
         if spec.data_format == "conversation":

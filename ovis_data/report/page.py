@@ -26,7 +26,7 @@ table{border-collapse:collapse;background:#fff;margin:6px 0}th,td{border:1px sol
 text-align:right;vertical-align:top}th{background:#eef1f5}td.l,th.l{text-align:left}
 .bad{color:#a33}.ok{color:#276b2f}.warn{background:#fff4d6;border:1px solid #e8c96a;padding:4px 8px}
 .charts{display:flex;flex-wrap:wrap;gap:10px}.chart-box{background:#fff;border:1px solid #d5d9e0;padding:4px}
-.chart-box p{margin:0 4px 4px;font-size:11px;color:#555;max-width:330px}
+.chart-box p{margin:0 4px 4px;font-size:11px;color:#555;max-width:262px}
 svg.chart rect{fill:#4f7cc4}svg.chart rect:hover{fill:#1f4c94}svg.chart text{font-size:10px;fill:#333}
 svg.chart text.t{font-size:12px;font-weight:600}svg.chart text.y{text-anchor:end}
 svg.chart text.end{text-anchor:end}svg.chart line.ax{stroke:#888}
@@ -164,8 +164,9 @@ def _dataset(d: DatasetSection) -> str:
     weight = f", weight {d.weight:g}" if d.weight is not None else ""
     parts.append(
         f'<p class="meta">{escape(d.data_format)}, stage {d.stage}{weight}; {d.total:,} samples: '
-        f'<span class="ok">{d.good:,} good</span>, <span class="bad">{d.bad:,} rejected</span> '
-        f"({_reasons(d.rejected)}); images checked: {escape(d.check or 'unknown')}</p>"
+        f'<span class="ok">{d.good:,} good</span>, <span class="bad">{d.bad:,} rejected</span>'
+        + (f" ({_reasons(d.rejected)})" if d.rejected else "")
+        + f"; images checked: {escape(d.check or 'unknown')}</p>"
     )
     if d.stale:
         parts.append(f'<p class="warn">{escape(d.stale)}</p>')

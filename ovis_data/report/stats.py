@@ -99,7 +99,7 @@ def approximate_tokens(con: duckdb.DuckDBPyConnection, catalog: Path, data_forma
     return histogram(
         con,
         f"SELECT CAST(ceil(x / {CHARS_PER_TOKEN}) AS BIGINT) AS x FROM ({chars})",
-        "text tokens per sample (approximate)",
+        "text tokens (approximate)",
         "tokens",
         f"approximate: characters / {CHARS_PER_TOKEN}, template not counted (--tokenizer DIR counts "
         "exactly); each image adds the recipe's visual tokens in a packed sequence",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from html import escape
 
-WIDTH, HEIGHT = 340, 150
-PAD_LEFT, PAD_RIGHT, PAD_TOP, PAD_BOTTOM = 44, 8, 22, 30
+WIDTH, HEIGHT = 270, 140
+PAD_LEFT, PAD_RIGHT, PAD_TOP, PAD_BOTTOM = 40, 8, 22, 30
 
 
 @dataclass
