@@ -53,7 +53,8 @@ def _entry_error(source: Path, name: str, reason: str) -> OvisDataError:
 def _parse_entry(source: Path, name: str, raw: object) -> DatasetSpec:
     if not isinstance(raw, dict):
         raise _entry_error(source, name, "must be an object")
-    known = {"meta_file", "image_dir", "data_format", "stage", "caption_template", "url_source"}
+    # "source" (where `ovis-data get` fetches the files from) is accepted here and read by the get engine.
+    known = {"meta_file", "image_dir", "data_format", "stage", "caption_template", "url_source", "source"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise _entry_error(source, name, f"unknown keys {unknown}; known: {sorted(known)}")

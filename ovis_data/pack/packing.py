@@ -229,6 +229,23 @@ def best_fit_decreasing(
     return out.packing(capacity, int(lengths.sum()))
 
 
+# The LP's duals depend only on the length histogram: one process packing the same stage again (the
+# demo, a re-run, the tests) or many shards with one histogram prices it once. Bounded, since each entry
+# holds one dual per length class.
+_DUALS_CACHE: dict[bytes, np.ndarray | None] = {}
+_DUALS_CACHE_SIZE = 64
+
+
+def _class_duals(cls: np.ndarray, d: np.ndarray, cells: int) -> np.ndarray | None:
+    key = cls.tobytes() + d.tobytes() + cells.to_bytes(8, "little")
+    if key not in _DUALS_CACHE:
+        if len(_DUALS_CACHE) >= _DUALS_CACHE_SIZE:
+            _DUALS_CACHE.pop(next(iter(_DUALS_CACHE)))
+        _DUALS_CACHE[key] = _lp_duals(cls, d, cells)
+    y = _DUALS_CACHE[key]
+    return None if y is None else y.copy()
+
+
 def item_values(lengths: np.ndarray, capacity: int, buffer_size: int = DEFAULT_BUFFER) -> np.ndarray:
     """Integer value of an item of each length 0..capacity: K * Y(l) + l, where Y(l) is the configuration
     LP's optimal dual for the length's class in units of 2^-20 (0 when the LP has no waste, so that value
@@ -244,7 +261,7 @@ def item_values(lengths: np.ndarray, capacity: int, buffer_size: int = DEFAULT_B
     if not len(cls):
         return ln
     d = hist[cls] * (min(buffer_size, len(lengths)) / len(lengths))
-    y = _lp_duals(cls.astype(np.int64), d, cap // g)
+    y = _class_duals(cls.astype(np.int64), d, cap // g)
     if y is None:
         return ln
     per_class = np.zeros(cap // g + 1)
