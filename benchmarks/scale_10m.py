@@ -1,4 +1,4 @@
-"""Peak RSS and wall time of `ovis-data validate` and `ovis-data pack` on a coyo-style caption dataset
+"""Peak RSS and wall time of `ovis-data validate`, `pack` and `report` on a coyo-style caption dataset
 at 1M and 10M rows, side by side (issue: coyo-10m in bounded memory, target <= 2 GB at 10M rows).
 
     python benchmarks/scale_10m.py [--rows 1000000 10000000] [--runs validate-meta,...] [--src DIR]
@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from pack_corpus import captions, qwen_path  # noqa: E402
 
-RUNS = ("validate-absent", "validate-meta", "validate-header", "validate-deep", "pack")
+RUNS = ("validate-absent", "validate-meta", "validate-header", "validate-deep", "pack", "report",
+        "report-exact")  # fmt: skip
 TARS, PER_TAR = 4, 64
 CHUNK = 1_000_000
 
@@ -172,6 +173,9 @@ def command(run: str, root: Path, info_path: Path, out: Path) -> list[str]:
     if run == "pack":
         return [*base, "pack", "--stage", "1", *common, "--tokenizer", qwen_path(), "--out", str(out),
                 "--max-length", "4096"]  # fmt: skip
+    if run.startswith("report"):  # the data report of the catalog (approximate or exact token counts)
+        exact = ["--tokenizer", qwen_path()] if run == "report-exact" else []
+        return [*base, "report", "coyo-10m", *common, *exact, "--out", str(out / "report.html")]
     if run == "validate-absent":
         return [*base, "validate", "coyo-10m-absent", *common, "--meta-only", "--report",
                 str(out / "report.json"), "--catalog-dir", str(out / "catalogs")]  # fmt: skip
@@ -208,7 +212,8 @@ def main() -> None:
             out = args.work / f"out-{rows}"
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
-            if run == "pack" and not (root / "catalogs" / "coyo-10m.parquet").exists():
+            needs_catalog = run in ("pack", "report", "report-exact")
+            if needs_catalog and not (root / "catalogs" / "coyo-10m.parquet").exists():
                 measure(command("validate-meta", root, info_path, out), env)
             rss, dt, rc, last, cpu = measure(command(run, root, info_path, out), env, args.limit)
             figures[run][rows] = (rss, dt, rc, cpu)

@@ -16,6 +16,7 @@ from .get.report import summary_table as get_summary
 from .pack.stage import pack_stage
 from .pack.tokenize import bundled_qwen_tokenizer_dir
 from .registry import load_registry
+from .report.build import make_report, select_datasets
 from .validate.bad_samples_report import summary_table, write_report
 from .validate.dataset import validate_dataset
 
@@ -204,6 +205,10 @@ def run_demo(
         soft_wrap=True,
     )
 
+    # the data at a glance: stage 3's datasets and its packed shards, one HTML page
+    stage3 = select_datasets(3, None, None, None)
+    make_report(stage3, root, out / "report.html", packed=out / "packed", seed=seed)
+
     header("scoring the final model with ovis-eval on a small multiple-choice bench made from the corpus")
     _evaluate(out, root, registry, seed, console)
 
@@ -213,7 +218,8 @@ def run_demo(
     return (
         f"\ndemo done: {good} good samples, {bad} deliberately broken ones caught (report: "
         f"{out / 'validate_report.json'}); {records} packed sequences in {out / 'packed'}; runs in "
-        f"{out / 'run'}.\nLook inside a shard: ovis-data inspect "
+        f"{out / 'run'}.\nLook at the data in a browser: {out / 'report.html'}\n"
+        f"Look inside a shard: ovis-data inspect "
         f"{out / 'packed' / 'stage3' / 'stage3-00000.tar'}\n"
         f"Ask the model: ovis-chat {out / 'run' / 'stage3' / 'model'} -i {out / 'example.jpg'} "
         '"Describe the image."'

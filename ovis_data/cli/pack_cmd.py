@@ -11,6 +11,7 @@ from rich.table import Table
 from ..clikit import ProgressDisplay, expect_dir_or_creatable, expect_file, print_table
 from ..pack.stage import PACKS_PER_SHARD, pack_stage
 from ..recipes import select_recipe
+from ..report.hint import report_hint
 from ..storage import as_path
 from .app import app
 from .common import InfoOption, QuietOption, RecipeOption, RootOption, console
@@ -123,3 +124,5 @@ def pack(
     if holdout:
         held = sum(d.get("held_out", 0) for d in manifest["datasets"].values())
         console.print(f"{held:,} samples held out for validation in {as_path(out) / f'stage{n}' / 'val'}")
+    hint = report_hint(root, stage=stage, recipe=recipe, packed=out, dataset_info=dataset_info)
+    console.print(hint, soft_wrap=True, highlight=False)

@@ -16,6 +16,7 @@ from ..clikit import (
 )
 from ..recipes import no_shipped_recipe, select_recipe
 from ..registry import load_registry, resolve_root, select
+from ..report.hint import report_hint
 from ..validate.bad_samples_report import summary_table, write_report
 from ..validate.dataset import validate_dataset
 from ..validate.imagecheck import DEFAULT_MAX_PIXELS, ImageLimits
@@ -113,5 +114,9 @@ def validate(
     if report:
         write_report(report, results, base, catalog_dir)
         console.print(f"report written to {report}")
+    hint = report_hint(
+        base, stage=stage, names=names, recipe=recipe, dataset_info=dataset_info, catalog_dir=catalog_dir
+    )
+    console.print(hint, soft_wrap=True, highlight=False)
     bad = sum(r.bad for r in results) + sum(1 for r in results if r.error)
     raise typer.Exit(1 if bad else 0)

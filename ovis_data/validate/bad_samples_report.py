@@ -12,6 +12,8 @@ from rich.table import Table
 from .catalog import rejected_path
 from .dataset import DatasetResult
 
+REPORT_KEYS = ("dataset", "row", "id", "reason", "detail")  # of each bad sample (the rejected file has more)
+
 
 def write_report(path: Path, results: list[DatasetResult], root: Path, catalog_out: Path | None) -> None:
     """{"datasets": {NAME: counts}, "bad_samples": [{dataset,row,id,reason,detail}, ...]}, atomically.
@@ -30,7 +32,7 @@ def write_report(path: Path, results: list[DatasetResult], root: Path, catalog_o
                 rej = rejected_path(root, r.name, catalog_out)
                 if not r.catalog_written or not rej.exists():  # an earlier run's rejects are not this run's
                     continue
-                for batch in pq.ParquetFile(rej).iter_batches(batch_size=65536):
+                for batch in pq.ParquetFile(rej).iter_batches(batch_size=65536, columns=list(REPORT_KEYS)):
                     for row in batch.to_pylist():
                         f.write(("\n" if first else ",\n") + json.dumps(row, ensure_ascii=False))
                         first = False

@@ -5,6 +5,8 @@ Columns: dataset, row (0-based row in the meta file), id (original, or '<dataset
 widths/heights of the images (null when only the meta file was checked). The parquet metadata records
 how deeply images were checked (`ovis_check`) and what the catalog was made from (`ovis_source`: the meta
 file's path, size, mtime and sha256, and the image store's layout, image count and names hash).
+The rejected rows: dataset, row, id, reason, detail, and images (the paths the meta file gave, when
+it gave any).
 """
 
 from __future__ import annotations

@@ -257,7 +257,8 @@ def _write_outputs(
         ),
         (
             rejected_path(root, spec.name, out),
-            """SELECT $dataset AS dataset, row, id, reason, detail FROM meta
+            # images too: the data report shows a rejected sample's picture where its file exists
+            """SELECT $dataset AS dataset, row, id, reason, detail, images FROM meta
                WHERE reason IS NOT NULL ORDER BY row""",
         ),
     ]
