@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..constants import DEFAULT_CAPTION_TEMPLATE
+from ..duck import bounded_connection
 from ..errors import OvisDataError
 from ..pack.tokenize import bundled_qwen_tokenizer_dir
 from ..recipes import select_recipe
 from ..registry import DatasetSpec, load_registry, resolve_root, select
 from ..storage import AnyPath, local_copy
 from ..validate.catalog import catalog_path, check_catalog_current, rejected_path
-from ..validate.dataset import bounded_connection
 from . import stats
 from .gallery import GoodCard, RejectedCard, good_cards, rejected_cards, seeded_good, seeded_rejected
 from .images import image_size, read_images

@@ -14,8 +14,8 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
+from ..constants import IGNORE_ID
 from ..pack.inspect import segments
-from ..pack.templates import IGNORE_ID
 from ..storage import AnyPath
 from .images import Picture, picture, read_images
 from .stats import sql_path

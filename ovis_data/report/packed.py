@@ -11,7 +11,7 @@ import duckdb
 import numpy as np
 
 from ..errors import OvisDataError
-from ..pack.manifest import FORMAT, MANIFEST
+from ..shardformat import FORMAT, MANIFEST
 from .stats import array_histogram
 from .svg import Histogram, Series
 
