@@ -15,50 +15,16 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import call, one_line_error
 from PIL import Image
 
 from ovis_data.pack.tokenize import bundled_qwen_tokenizer_dir
 from ovis_data.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _main(prog: str) -> Callable[[], None]:
-    if prog == "ovis-data":
-        from ovis_data.cli import main
-    elif prog == "ovis-train":
-        from ovis_model.train.cli import main
-    else:
-        from ovis_model.chat_cli import main
-    return main
-
-
-def call(
-    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, prog: str, *args: str
-) -> tuple[int, str, str]:
-    """`prog args` in this process, as its console script runs it: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [prog, *args])
-    monkeypatch.delenv("OVIS_DATA_ROOT", raising=False)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        _main(prog)()
-    out, err = capsys.readouterr()
-    return int(done.value.code or 0), out, err
-
-
-def one_line_error(result: tuple[int, str, str], *named: str) -> str:
-    code, out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, (code, out, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in out + err
-    for needle in named:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def tree(path: Path) -> list[str]:
