@@ -128,25 +128,6 @@ def test_tables_in_a_pipe_never_cut_a_name(
     assert re.search(r"│ llava-pretrain-558k .*missing_image: 1", out), out
 
 
-def test_own_datasets_doc_quotes_the_report_validate_writes(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    doc = (REPO / "docs" / "own-datasets.md").read_text()
-    quoted = [json.loads(line) for line in doc.splitlines() if line.startswith('{"dataset": ')]
-    assert len(quoted) == 2
-    work = tmp_path / "mine"
-    shutil.copytree(
-        REPO / "docs" / "examples" / "own-datasets", work, ignore=shutil.ignore_patterns("catalogs")
-    )
-    monkeypatch.chdir(work)
-    code, _, err = call(
-        capsys, monkeypatch, "ovis-data", "validate", "--recipe", "my_recipe.toml", "--dataset-info",
-        "my_info.json", "--root", "data", "--report", "bad.json", "--processes", "1",
-    )  # fmt: skip
-    assert code == 1, err
-    assert json.loads((work / "bad.json").read_text())["bad_samples"] == quoted
-
-
 def test_pack_counts_an_unchecked_bomb_instead_of_printing_pillows_warning(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
