@@ -279,7 +279,7 @@ def read_records(data_dir: Path, nv: int, flops: Flops) -> list[dict]:
     """Every packed record in manifest order (the loader's flat record ids), with its sub-samples' stats."""
     import numpy as np
 
-    from ovis_data.pack.shards import iter_records
+    from ovis_data.shards import iter_records
     from ovis_model.batching import count_targets, expand_image_placeholders
     from ovis_model.constants import IMAGE_TOKEN_ID
 

@@ -84,11 +84,11 @@ def make_captions(root: Path, samples: int, files: int) -> None:
 
 # -- DuckDB: the project's own code ------------------------------------------------------------------------
 def run_duckdb(spec, root: Path, listing) -> dict:
+    from ovis_data.duck import bounded_connection
     from ovis_data.validate.dataset import (
         _fold_images_into_samples,
         _mark_duplicates,
         _mark_paths,
-        bounded_connection,
     )
     from ovis_data.validate.metafile import load_meta
 

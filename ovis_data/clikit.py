@@ -291,14 +291,35 @@ def hf_bars_only_on_a_terminal() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 class _Rate(ProgressColumn):
-    """Items per second over the run so far, in the task's own unit."""
+    """Items per second over the run so far, in the task's own unit (bytes: B/kB/MB/GB)."""
 
     def render(self, task: Task) -> Text:
         elapsed = task.elapsed or 0.0
-        if not elapsed or not task.completed or not task.fields.get("unit"):
+        unit = task.fields.get("unit")
+        if not elapsed or not task.completed or not unit:
             return Text("")
-        return Text(f"{task.completed / elapsed:,.0f} {task.fields.get('unit', '')}/s", style="cyan")
+        if unit == "B":
+            return Text(f"{_bytes(task.completed / elapsed)}/s", style="cyan")
+        return Text(f"{task.completed / elapsed:,.0f} {unit}/s", style="cyan")
+
+
+class _Count(MofNCompleteColumn):
+    """done/total, as sizes when the unit is bytes."""
+
+    def render(self, task: Task) -> Text:
+        if task.fields.get("unit") != "B":
+            return super().render(task)
+        total = f"/{_bytes(task.total)}" if task.total is not None else ""
+        return Text(f"{_bytes(task.completed)}{total}", style="progress.download")
 
 
 class _Eta(ProgressColumn):
@@ -327,7 +348,7 @@ class ProgressDisplay:
             self._bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                _Count(),
                 _Rate(),
                 _Eta(),
                 console=Console(stderr=True),

@@ -1,4 +1,5 @@
-"""Values the data engine and the model must agree on, defined once (docs/templates.md explains them)."""
+"""Values and rules the data engine's stages and the model must agree on, defined once (docs/templates.md
+explains them)."""
 
 from __future__ import annotations
 
@@ -15,3 +16,9 @@ def vit_resized_size(width: int, height: int, side: int) -> tuple[int, int]:
     if width >= height:
         return side, max(1, int(height / width * side))
     return max(1, int(width / height * side)), side
+
+
+def clean_caption(caption: str | None) -> str:
+    """The caption text that is trained on: a literal `<image>` removed, surrounding white space stripped.
+    Validate rejects a caption this leaves empty (`empty_caption`) by calling this very function."""
+    return (caption or "").replace(IMAGE_MARK, "").strip()

@@ -1,14 +1,18 @@
-"""The demo pipeline on the built-in corpus: corpus -> fetch -> validate -> pack (3 stages) -> tiny model."""
+"""The demo pipeline on the built-in corpus: corpus on a local Hub -> get (and fetch) -> validate -> pack
+(3 stages) -> tiny model."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 from rich.console import Console
 
-from .demo_corpus import build_demo_corpus
-from .fetch import FetchOptions, NetParams, fetch_datasets, serve_directory
+from .fetch import FetchOptions, NetParams
+from .get import GetOptions, Hub, get
+from .get.demo_hub import demo_hub
+from .get.report import summary_table as get_summary
 from .pack.stage import pack_stage
 from .pack.tokenize import bundled_qwen_tokenizer_dir
 from .registry import load_registry
@@ -20,6 +24,7 @@ from .validate.dataset import validate_dataset
 # real runs.
 DEMO_STEPS = 8
 DEMO_LR = {1: 0.05, 2: 0.02, 3: 0.005}
+DEMO_HOLDOUT = 0.15  # of each dataset's samples packed into OUT/stageN/val/: each stage logs a val_loss
 
 
 def _train_and_chat(
@@ -75,6 +80,40 @@ def _train_and_chat(
     return losses, (str(image), result.output)
 
 
+def _evaluate(out: Path, root: Path, registry: dict, seed: int, console: Console) -> None:
+    """A VLMEvalKit-format bench from the stage-3 conversations, scored as `ovis-eval` scores it."""
+    from ovis_model.eval.generate import model_answerer
+    from ovis_model.eval.score import evaluate_bench
+    from ovis_model.model_dir import load_for_chat
+
+    from .demo_bench import write_demo_bench
+    from .recipes import load_recipe
+
+    bench = out / "demo_bench.tsv"
+    specs = [registry[m.name] for m in load_recipe(3, registry).datasets]
+    n = write_demo_bench(root, specs, bench, seed=seed)
+    model_dir = out / "run" / "stage3" / "model"
+    summary = evaluate_bench(bench, out / "eval", model_answerer(load_for_chat(model_dir), 8))
+    val = [
+        json.loads((out / "run" / f"stage{s}" / "summary.json").read_text())["val_loss"] for s in (1, 2, 3)
+    ]
+    losses = ", ".join(f"{v:.3f}" for v in val if v is not None)
+    verdict = (
+        "none of its answers names an option (each counted wrong, never guessed)"
+        if summary["unmatched"] == summary["questions"]
+        else f"{summary['unmatched']} of its answers name no option (counted wrong, never guessed)"
+    )
+    console.print(
+        f"val_loss (held-out samples) after stages 1-3: {losses}; {n} questions from the corpus (4 options "
+        f"each, chance {summary['chance']:.0%}): accuracy {summary['accuracy']:.0%}; {verdict}. A model this "
+        "small is at chance or below; a real Ovis is scored the same way on MMBench, MMStar and the others "
+        "(docs/evaluation.md):"
+        f"\n  ovis-eval {model_dir} --bench {bench} --out {out / 'eval'}",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
 def run_demo(
     out: Path,
     seed: int = 0,
@@ -85,8 +124,8 @@ def run_demo(
     console = console or Console()
     out = Path(out)
     root = out / "data"
-    web = out / "web"  # what the demo's local image server publishes at its URLs
-    for stale in (root, web, out / "packed", out / "run", out / "parts"):
+    hub = out / "hub"  # the demo corpus published as Hub repositories and plain files, served locally
+    for stale in (root, hub, out / "web", out / "packed", out / "run", out / "parts"):
         if stale.exists():
             shutil.rmtree(stale)
     registry = load_registry()
@@ -95,16 +134,21 @@ def run_demo(
     def header(text: str) -> None:
         nonlocal step
         step += 1
-        console.print(f"\n[bold]{step}/5[/] {text}", soft_wrap=True)
+        console.print(f"\n[bold]{step}/6[/] {text}", soft_wrap=True)
 
-    web.mkdir(parents=True)
-    with serve_directory(web) as base_url:
-        header(f"building the demo corpus of all {len(registry)} datasets in {root}")
-        build_demo_corpus(root, seed=seed, url_root=web, base_url=base_url)
-        header(f"fetching the URL datasets (coyo-10m, the cc12m pair) from a local server at {base_url}")
-        # The server is on loopback, which fetch refuses by default: the demo lifts that, as a user would.
+    header(f"publishing a demo corpus of all {len(registry)} datasets on a local Hub-compatible server")
+    with demo_hub(hub, seed=seed) as (server, info):
+        header(
+            f"getting it with ovis-data get from {server.url} (as HF_ENDPOINT) into {root}: meta files, "
+            "archives verified and extracted, URL datasets' images through fetch"
+        )
+        # The image URLs are on loopback, which fetch refuses by default: the demo lifts that, as a user
+        # would.
         options = FetchOptions(net=NetParams(allow_private=True), processes=processes or 0)
-        fetch_datasets(None, root, options, registry=registry, console=console)
+        sources = load_registry(info)
+        got = get(list(sources.values()), root, GetOptions(hub=Hub(server.url, token=False)), None, options,
+                  sources, console)  # fmt: skip
+        console.print(get_summary(got.results, got.gaps))
 
     header("validating it (image headers, all cores)")
     results = [validate_dataset(spec, root, processes=processes) for spec in registry.values()]
@@ -116,7 +160,14 @@ def run_demo(
     manifests = {}
     for stage in (1, 2, 3):
         m = pack_stage(
-            stage, root, tokenizer, out / "packed", seed=seed, processes=processes, registry=registry
+            stage,
+            root,
+            tokenizer,
+            out / "packed",
+            seed=seed,
+            processes=processes,
+            registry=registry,
+            holdout=DEMO_HOLDOUT,
         )
         manifests[stage] = m
         console.print(
@@ -152,6 +203,9 @@ def run_demo(
         "words from the corpus, not sense; a real Ovis describes the image).",
         soft_wrap=True,
     )
+
+    header("scoring the final model with ovis-eval on a small multiple-choice bench made from the corpus")
+    _evaluate(out, root, registry, seed, console)
 
     good = sum(r.good for r in results)
     bad = sum(r.bad for r in results)

@@ -207,13 +207,18 @@ def _break(spec: DatasetSpec, rows: list[dict], root: Path) -> None:
 
 
 def build_demo_corpus(
-    root: Path, seed: int = 0, url_root: Path | None = None, base_url: str = "http://images.invalid"
+    root: Path,
+    seed: int = 0,
+    url_root: Path | None = None,
+    base_url: str = "http://images.invalid",
+    stages: tuple[int, ...] = (1, 2, 3),
 ) -> Path:
     """Write the corpus under root (meta_files/, images/). With url_root, the images of URL datasets go
-    there instead (to be served and fetched), and their URL lists point at base_url."""
+    there instead (to be served and fetched), and their URL lists point at base_url. `stages`: only the
+    datasets of these (a smaller corpus for tests that need one stage)."""
     root = Path(root)
     (root / "meta_files").mkdir(parents=True, exist_ok=True)
-    registry = load_registry()
+    registry = {n: s for n, s in load_registry().items() if s.stage in stages}
     rng = random.Random(seed)
     writer = _Writer(root, rng, url_root)
     for spec in registry.values():

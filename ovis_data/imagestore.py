@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import tarfile
 from pathlib import Path
 from typing import BinaryIO
@@ -32,23 +33,42 @@ INDEX_SCHEMA = pa.schema(
     [("image_path", pa.string()), ("tar", pa.string()), ("offset", pa.int64()), ("size", pa.int64())]
 )
 FETCH_BOOKKEEPING = ".fetch"  # image_dir/.fetch/: `ovis-data fetch` bookkeeping, never an image
+GET_BOOKKEEPING = ".get"  # image_dir/.get/: `ovis-data get` done-markers and staging, never an image
 SHARD_INDEX_DIR = f"{FETCH_BOOKKEEPING}/index"  # one NNNNN.parquet per tar: build_index's parts
 SHARD_INDEX_SCHEMA = pa.schema([("image_path", pa.string()), ("offset", pa.int64()), ("size", pa.int64())])
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+# Why an image path from a meta file may not be opened (it would escape image_dir): the first rule whose
+# pattern matches. One list for both uses: `unsafe_path_reason` (fetch, the readers: one path at a time)
+# and `unsafe_path_sql` (validate: millions of paths in DuckDB). The patterns are in the syntax Python's
+# re and DuckDB's RE2 share, `$` meaning the end of the text (Python reads it as \Z: its own `$` would
+# also match before a final newline).
+UNSAFE_PATH_RULES = (
+    ("empty path", r"^$"),
+    ("absolute path", r"^([/\\]|[A-Za-z]:)"),
+    ("NUL byte in path", r"\x00"),
+    ("'..' segment", r"(^|[/\\])\.\.([/\\]|$)"),
+)
+_UNSAFE_PATH = [(reason, re.compile(pattern.replace("$", r"\Z"))) for reason, pattern in UNSAFE_PATH_RULES]
+
+
 def unsafe_path_reason(image_path: str) -> str | None:
     """Why a meta-file image path may not be opened (it would escape image_dir), or None when it is safe."""
-    if not image_path:
-        return "empty path"
-    if image_path.startswith(("/", "\\")) or (len(image_path) > 1 and image_path[1] == ":"):
-        return "absolute path"
-    if "\x00" in image_path:
-        return "NUL byte in path"
-    parts = image_path.replace("\\", "/").split("/")
-    if ".." in parts:
-        return "'..' segment"
+    for reason, pattern in _UNSAFE_PATH:
+        if pattern.search(image_path):
+            return reason
     return None
+
+
+def unsafe_path_sql(column: str) -> str:
+    """`unsafe_path_reason` of the VARCHAR `column` as a DuckDB expression (NULL when the path is safe)."""
+
+    def text(value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+    whens = (f"WHEN regexp_matches({column}, {text(p)}) THEN {text(r)}" for r, p in UNSAFE_PATH_RULES)
+    return "CASE " + " ".join(whens) + " END"
 
 
 class ImageStore:
@@ -72,7 +92,11 @@ class ImageStore:
             paths = load_index(self.image_dir).column("image_path")
             return pa.table({"image_path": paths, "linked_out": pa.array(np.zeros(len(paths), dtype=bool))})
         if isinstance(self.image_dir, RemotePath):  # object stores have no links: one listing of the prefix
-            names = [p for p in self.image_dir.find() if not p.startswith(FETCH_BOOKKEEPING + "/")]
+            names = [
+                p
+                for p in self.image_dir.find()
+                if not p.startswith((FETCH_BOOKKEEPING + "/", GET_BOOKKEEPING + "/"))
+            ]
             linked = pa.array(np.zeros(len(names), dtype=bool))
             return pa.table({"image_path": pa.array(names, pa.string()), "linked_out": linked})
         # Names go to Arrow every 64k entries: ten million files never sit in memory as Python strings.
@@ -97,7 +121,7 @@ class ImageStore:
                         paths.append(name)
                         linked_out.append(not self._inside(entry.path))
                     elif entry.is_dir(follow_symlinks=False):
-                        if name != FETCH_BOOKKEEPING:  # fetch's status files and temporaries
+                        if name not in (FETCH_BOOKKEEPING, GET_BOOKKEEPING):  # fetch's and get's own files
                             stack.append(name)
                     else:
                         paths.append(name)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .imagestore import is_shard_dir
 from .registry import DatasetSpec
+from .sources import source_summary
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,9 @@ def inventory(registry: dict[str, DatasetSpec], root: Path | None) -> list[Inven
             meta = spec.meta_file
         else:
             meta = ("present" if spec.meta_path(root).is_file() else "missing") + f" ({spec.meta_file})"
-        source = "URL list (ovis-data fetch)" if spec.url_source else "publisher archive"
-        if spec.image_dir is None:
-            source = "-"
+        source = source_summary(spec.source)  # where `ovis-data get` gets it, and its recorded size
+        if spec.url_source:
+            source += "; images: ovis-data fetch"
         rows.append(
             InventoryRow(spec.name, spec.stage, spec.data_format, meta, _image_status(spec, root), source)
         )

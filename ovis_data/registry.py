@@ -10,6 +10,7 @@ from pathlib import Path
 from .constants import DEFAULT_CAPTION_TEMPLATE, IMAGE_MARK
 from .errors import OvisDataError
 from .resources import resource_path
+from .sources import Source, parse_source
 from .storage import AnyPath, as_path, is_url
 
 FORMATS = ("caption", "conversation")
@@ -35,6 +36,7 @@ class DatasetSpec:
     stage: int
     caption_template: str | None = None
     url_source: UrlSource | None = None
+    source: Source | None = None  # where `ovis-data get` gets the meta file, URL list and images
 
     def meta_path(self, root: Path) -> Path:
         return root / "meta_files" / self.meta_file
@@ -53,7 +55,6 @@ def _entry_error(source: Path, name: str, reason: str) -> OvisDataError:
 def _parse_entry(source: Path, name: str, raw: object) -> DatasetSpec:
     if not isinstance(raw, dict):
         raise _entry_error(source, name, "must be an object")
-    # "source" (where `ovis-data get` fetches the files from) is accepted here and read by the get engine.
     known = {"meta_file", "image_dir", "data_format", "stage", "caption_template", "url_source", "source"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -88,7 +89,10 @@ def _parse_entry(source: Path, name: str, raw: object) -> DatasetSpec:
         url_source = UrlSource(**us)
         if image_dir is None:
             raise _entry_error(source, name, "a URL dataset needs an image_dir to download into")
-    return DatasetSpec(name, meta_file, image_dir, fmt, stage, template, url_source)
+    source_spec = None
+    if raw.get("source") is not None:
+        source_spec = parse_source(source, name, raw["source"], image_dir is not None, url_source is not None)
+    return DatasetSpec(name, meta_file, image_dir, fmt, stage, template, url_source, source_spec)
 
 
 def load_registry(path: str | Path | None = None) -> dict[str, DatasetSpec]:

@@ -18,6 +18,7 @@ _EXPORTS = {
     "OvisConfig": "configuration",
     "OvisImageProcessor": "preprocess",
     "OvisOutput": "modeling",
+    "OvisRunner": "runner",
     "VisualEmbedding": "embedding",
     "VisualTokenizer": "visual_tokenizer",
     "VisualTokenizerConfig": "configuration",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ovis_data.pack.shards import supervised_targets
+from ovis_data.shardformat import expanded_length, placeholder_mismatch, supervised_targets
 
 from .attention import cu_seqlens_from_lengths
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID
@@ -52,13 +52,13 @@ def expand_image_placeholders(
     labs = np.repeat(np.where(is_image, IGNORE_INDEX, labels), repeats)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     images_per_sub = np.add.reduceat(is_image.astype(np.int64), starts) if len(lengths) else lengths
-    new_lengths = lengths + images_per_sub * (num_visual_tokens - 1)
+    new_lengths = expanded_length(lengths, images_per_sub, num_visual_tokens)
     return ids, labs, new_lengths
 
 
 def count_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
     """Supervised targets after the shift: label t+1 of the same sub-sample is not -100 (the rule pack
-    also counts per record into the manifest: one definition, in ovis_data.pack.shards)."""
+    also counts per record into the manifest: one definition, in ovis_data.shardformat)."""
     return supervised_targets(labels, lengths)
 
 
@@ -95,11 +95,9 @@ def collate_packed(
     for i, record in enumerate(records):
         ids, labels, lengths = (np.asarray(_field(record, k)) for k in ("input_ids", "labels", "lengths"))
         record_images = list(_field(record, "images") or [])
-        n_placeholders = int(np.count_nonzero(ids == IMAGE_TOKEN_ID))
-        if n_placeholders != len(record_images):
-            raise ValueError(
-                f"record {i}: {n_placeholders} image placeholders but {len(record_images)} images"
-            )
+        mismatch = placeholder_mismatch(ids, len(record_images))
+        if mismatch is not None:
+            raise ValueError(f"record {i}: {mismatch}")
         ids, labels, lengths = expand_image_placeholders(ids, labels, lengths, num_visual_tokens)
         n_supervised += count_targets(labels, lengths)
         rows.append((ids, labels, lengths))

@@ -1,4 +1,4 @@
-"""Inference on a trained model directory: the equivalent of the original's `OvisRunner`."""
+"""Chat helpers (results, images, the query) and `chat()`, a one-call front of `ovis_model.runner`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from .batching import expand_image_placeholders
 from .constants import IMAGE_TOKEN
-from .prompt import FORMATS, generation_prompt, stop_ids
 
 
 class ChatError(ValueError):
@@ -23,7 +20,8 @@ class ChatResult:
     prompt: str
     output: str
     prompt_tokens: int  # after image expansion, as the LLM sees it
-    output_tokens: int
+    output_tokens: int  # the stop token included
+    finish_reason: str = "stop"  # "stop" (a stop token), "length", "repetition" (a loop cut), "cancelled"
 
     @property
     def total_tokens(self) -> int:
@@ -62,7 +60,6 @@ def build_query(text: str, n_images: int) -> str:
     return text
 
 
-@torch.inference_mode()
 def chat(
     model,  # noqa: ANN001 (Ovis; imported lazily to avoid a cycle)
     images: Any,
@@ -74,46 +71,21 @@ def chat(
     top_k: int | None = None,
     system: str | None = None,
     seed: int | None = None,
+    **generation: Any,
 ) -> ChatResult:
-    """Answer `text` about `images` (PIL images or paths, or None): greedy by default, sampling if asked."""
-    tokenizer = model.text_tokenizer
-    if tokenizer is None:
-        raise ValueError("the model has no text tokenizer: load it with Ovis.from_pretrained(model_dir)")
-    template = model.config.conversation_template
-    if template is None:
-        raise ValueError(f"config.conversation_template is unset; one of {sorted(FORMATS)} or chat_template")
-    pil_images = load_images(images)
-    prompt, ids = generation_prompt(tokenizer, template, build_query(text, len(pil_images)), system)
-    ids_np, _, _ = expand_image_placeholders(ids, [0] * len(ids), [len(ids)], model.num_visual_tokens)
+    """Answer `text` about `images` (PIL images or paths, or None): greedy by default, sampling if asked.
+    `OvisRunner(model).run(...)`; see `ovis_model.runner` for the other settings and for batches."""
+    from .runner import OvisRunner  # the runner imports this module's helpers
 
-    device = next(model.parameters()).device
-    dtype = model.get_input_embeddings().weight.dtype
-    input_ids = torch.as_tensor(ids_np, device=device).unsqueeze(0)
-    pixel_values = model.image_processor(pil_images).to(device, dtype) if pil_images else None
-    model.eval()
-    inputs_embeds = model.embed_inputs(input_ids, pixel_values)
-
-    stop = stop_ids(tokenizer, template)
-    eos = model.llm.generation_config.eos_token_id
-    stop += [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None and e not in stop]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
-    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample}
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    else:  # keep a checkpoint's sampling defaults from turning greedy decoding into a warning
-        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
-    if seed is not None:
-        torch.manual_seed(seed)
-    output = model.llm.generate(
-        inputs_embeds=inputs_embeds,
-        attention_mask=torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device),
-        eos_token_id=stop,
-        pad_token_id=pad,
-        use_cache=True,
-        **gen_kwargs,
+    return OvisRunner(model).run(
+        images,
+        text,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        **generation,
     )
-    new_tokens = output[0].tolist()  # with inputs_embeds only, generate returns just the new tokens
-    while new_tokens and new_tokens[-1] == pad and pad not in stop:
-        new_tokens.pop()
-    text_out = tokenizer.decode(new_tokens, skip_special_tokens=True)
-    return ChatResult(prompt, text_out, int(input_ids.shape[1]), len(new_tokens))

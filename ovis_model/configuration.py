@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .constants import VISUAL_VOCAB_SIZE
+
 TOKENIZE_FUNCTIONS = ("softmax", "gumbel_argmax", "st_argmax")
 
 
@@ -37,7 +39,7 @@ class VisualTokenizerConfig(PretrainedConfig):
     def __init__(
         self,
         backbone_config: PretrainedConfig | dict | None = None,
-        vocab_size: int = 16384,
+        vocab_size: int = VISUAL_VOCAB_SIZE,
         tokenize_function: str = "softmax",
         tau: float = 1.0,
         use_indicators: bool = True,

@@ -24,6 +24,24 @@ def load_for_chat(model_dir: str | Path, device: str | None = None, dtype: str |
     return model.to(device).eval()
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+
+
+def check_safetensors_only(model_dir: Path) -> None:
+    """ValueError (one line) for a model folder whose weights are pickles: loading a pickle can run code,
+    so model folders are safetensors only, and transformers' own refusal is a long traceback."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or any(model_dir.glob("*.safetensors")):
+        return
+    pickles = sorted(p for pattern in PICKLE_WEIGHTS for p in model_dir.glob(pattern))
+    if pickles:
+        raise ValueError(
+            f"{pickles[0]}: weights in pickle format, which can carry code; this toolkit loads safetensors "
+            "only: convert the folder (e.g. load it in transformers, save_pretrained(safe_serialization="
+            "True)) where you trust its source"
+        )
+
+
 def check_model_dir(model_dir: Path) -> None:
     """A clear error for what is not an Ovis model folder, before transformers' own (a traceback listing
     every config class it knows)."""
@@ -44,3 +62,7 @@ def check_model_dir(model_dir: Path) -> None:
             f"{model_dir}: not an Ovis model (config.json says model_type {model_type!r}; a base LLM or ViT "
             f"is an input of ovis-train --stage 1, not a chat model); {hint}"
         )
+    try:
+        check_safetensors_only(model_dir)
+    except ValueError as e:
+        raise ChatError(str(e)) from e

@@ -22,9 +22,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from ovis_data.shardformat import placeholder_mismatch
+
 from .attention import default_attn_implementation, llm_attention_kwargs, positions_from_lengths
 from .chat import chat
-from .configuration import OvisConfig, VisualTokenizerConfig
+from .configuration import VISUAL_VOCAB_SIZE, OvisConfig, VisualTokenizerConfig
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from .embedding import VisualEmbedding
 from .preprocess import CONFIG_NAME as IMAGE_PROCESSOR_CONFIG
@@ -188,12 +190,10 @@ class Ovis(PreTrainedModel):
                 raise ValueError("input_ids hold image placeholders but no pixel_values were given")
             return embeds
         visual = self.visual_embeddings(pixel_values)
-        expected = visual.shape[0] * visual.shape[1]
-        found = int(image_mask.sum())
-        if found != expected:
+        mismatch = placeholder_mismatch(input_ids, visual.shape[0], visual.shape[1])
+        if mismatch is not None:
             raise ValueError(
-                f"input_ids hold {found} image placeholders, expected {visual.shape[0]} images x "
-                f"{visual.shape[1]} visual tokens = {expected}: expand them with "
+                f"input_ids hold {mismatch}: expand them with "
                 "ovis_model.batching.expand_image_placeholders (or collate_packed)"
             )
         # masked_scatter fills the placeholders in row-major order, i.e. images in placeholder order
@@ -266,7 +266,7 @@ class Ovis(PreTrainedModel):
         cls,
         llm: str | os.PathLike,
         vit: str | os.PathLike,
-        visual_vocab_size: int = 131072,
+        visual_vocab_size: int = VISUAL_VOCAB_SIZE,
         tokenize_function: str = "softmax",
         tau: float = 1.0,
         use_indicators: bool = True,

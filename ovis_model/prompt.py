@@ -6,6 +6,7 @@ One source of truth: `ovis_data.pack.templates` renders the turns and `ovis_data
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ovis_data.errors import OvisDataError
@@ -38,18 +39,30 @@ def stop_ids(tokenizer: Any, template: str) -> list[int]:
 
 
 def generation_prompt(
-    tokenizer: Any, template: str, query: str, system: str | None = None
+    tokenizer: Any,
+    template: str,
+    query: str,
+    system: str | None = None,
+    history: Sequence[tuple[str, str]] = (),
 ) -> tuple[str, list[int]]:
-    """(prompt text, ids): the system turn (the format's default unless given), the user's query, then
-    an open assistant header."""
-    roles, texts = (["system", "human"], [system, query]) if system is not None else (["human"], [query])
+    """(prompt text, ids): the system turn (the format's default unless given), the earlier (user,
+    assistant) exchanges of `history`, the user's query, then an open assistant header. Every turn is
+    rendered and tokenized as pack does for a multi-turn training conversation."""
+    roles: list[str] = ["system"] if system is not None else []
+    texts: list[str | None] = [system] if system is not None else []
+    for user, assistant in history:
+        roles += ["human", "gpt"]
+        texts += [user, assistant]
+    roles.append("human")
+    texts.append(query)
     if template == "chat_template":
         return _own_template_prompt(tokenizer, roles, texts)
     if template not in FORMATS:
         raise ValueError(f"unknown chat template {template!r}; known: {sorted(FORMATS)}, chat_template")
     fmt = FORMATS[template]
     turns = [*fmt.render(roles, texts), Turn(fmt.roles["gpt"])]
-    ids, _ = SampleEncoder(tokenizer, fmt).encode_turns([turns]).sample(0)
+    # the tiktoken twin (same ids) costs ~0.9 s to build: not worth it for one prompt
+    ids, _ = SampleEncoder(tokenizer, fmt, use_twin=False).encode_turns([turns]).sample(0)
     return "".join(t.text for t in turns), ids.tolist()
 
 
@@ -65,7 +78,7 @@ def _own_template_prompt(tokenizer: Any, roles: list[str], texts: list[str | Non
     if not opened.startswith(done):
         raise ValueError("the chat template's generation prompt does not extend the conversation it renders")
     header = opened[len(done) :]
-    encoder = SampleEncoder(tokenizer, fmt)
+    encoder = SampleEncoder(tokenizer, fmt, use_twin=False)
     probe = header + "Answer"  # a typical first word
     n = encoder.context_header_length(header, probe)
     head = tokenizer(probe, add_special_tokens=False, return_offsets_mapping=True)

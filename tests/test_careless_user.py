@@ -163,7 +163,7 @@ def test_dependencies_stay_quiet(tmp_path: Path, capfd: pytest.CaptureFixture) -
     ds = subprocess.Popen([sys.executable, "-c", quiet], stderr=subprocess.PIPE, text=True, cwd=REPO)
     from test_templates_tokenizers import llama3_tokenizer, save
 
-    from ovis_data.pack.shards import resize_for_vit
+    from ovis_data.pack.images import resize_for_vit
     from ovis_data.pack.tokenize import load_tokenizer
     from ovis_model.modeling import Ovis
     from ovis_model.tiny import tiny_ovis, write_tiny_parts

@@ -132,6 +132,10 @@ def test_demo_runs_end_to_end(tmp_path: Path):
         lines = (demo / "run" / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()
         losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
         assert len(losses) == 4 and losses[-1] < losses[0]  # the trainer trained every stage
+        assert [r for r in map(json.loads, lines) if r.get("event") == "val"]  # the held-out split's loss
+        assert (demo / "packed" / f"stage{stage}" / "val" / "manifest.json").exists()
+    summary = json.loads((demo / "eval" / "demo_bench_summary.json").read_text())  # ovis-eval's last step
+    assert summary["questions"] > 10 and summary["chance"] == 0.25 and summary["skipped"] == 0
     assert "deliberately broken" in out.stdout
     assert "Its answer about" in out.stdout
 
@@ -190,12 +194,16 @@ def _programs() -> dict[str, Any]:
     from ovis_data.cli import app as data_app
     from ovis_data.clikit import polish
     from ovis_model.chat_cli import app as chat_app
+    from ovis_model.eval.cli import app as eval_app
     from ovis_model.train.cli import app as train_app
 
-    return {
-        name: polish(get_command(a))
-        for name, a in (("ovis-data", data_app), ("ovis-train", train_app), ("ovis-chat", chat_app))
-    }
+    apps = (
+        ("ovis-data", data_app),
+        ("ovis-train", train_app),
+        ("ovis-chat", chat_app),
+        ("ovis-eval", eval_app),
+    )
+    return {name: polish(get_command(a)) for name, a in apps}
 
 
 def _parse(cmd: Any, prog: str, args: list[str]) -> Any:
@@ -208,7 +216,7 @@ def _parse(cmd: Any, prog: str, args: list[str]) -> Any:
 
 def test_every_help_shows_an_example_that_parses_and_the_readme_agrees(capsys: pytest.CaptureFixture):
     programs = _programs()
-    commands = [("ovis-train", programs["ovis-train"], []), ("ovis-chat", programs["ovis-chat"], [])]
+    commands = [(p, programs[p], []) for p in ("ovis-train", "ovis-chat", "ovis-eval")]
     commands += [("ovis-data", programs["ovis-data"], [])]
     commands += [("ovis-data", sub, [name]) for name, sub in programs["ovis-data"].commands.items()]
     for prog, cmd, path in commands:
@@ -226,7 +234,7 @@ def test_every_help_shows_an_example_that_parses_and_the_readme_agrees(capsys: p
             assert path == [] or ctx.info_name == path[0], line
     # Every option the README's command table shows is one the command takes.
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    rows = re.findall(r"^\| `((?:ovis-data|ovis-train|ovis-chat)[^`]*)` \|", readme, re.M)
+    rows = re.findall(r"^\| `((?:ovis-data|ovis-train|ovis-chat|ovis-eval)[^`]*)` \|", readme, re.M)
     assert len(rows) >= 8
     for row in rows:
         prog, *words = row.split()

@@ -63,7 +63,7 @@ def test_fetch_cli_fills_the_store_that_validate_reads(
 def test_fetch_cli_usage_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # in this process (ovis-data's error line in a real process: test_cli)
+    # the first two in this process (ovis-data's error line in a real process: test_cli and below)
     (tmp_path / "meta_files").mkdir()
     code, _, err = call(
         capsys, monkeypatch, "ovis-data", "fetch", "llava-pretrain-558k", "--root", str(tmp_path)
@@ -73,8 +73,10 @@ def test_fetch_cli_usage_errors(
         capsys, monkeypatch, "ovis-data", "fetch", "coyo-10m", "--root", str(tmp_path), "--part", "3/2"
     )
     assert code == 2 and "--part" in err
-    code, _, err = call(capsys, monkeypatch, "ovis-data", "fetch", "coyo-10m", "--root", str(tmp_path))
-    assert code == 2 and "URL list not found" in err
+    # the list is first asked of its source on the Hub: offline, that fails at once (no network here). A
+    # real process: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+    out = run_cli("fetch", "coyo-10m", "--root", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "URL list not found" in out.stderr
 
 
 I2D = Path(os.environ.get("OVIS_IMG2DATASET", REPO / ".bench" / "i2d-venv" / "bin" / "img2dataset"))

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ovis_data.pack.shards import Record, ShardWriter
-from ovis_model.batching import batch_to, count_targets, expand_image_placeholders
+from ovis_data.shardformat import Record
+from ovis_data.shards import ShardWriter
+from ovis_model.batching import batch_to
 from ovis_model.preprocess import OvisImageProcessor
 from ovis_model.tiny import random_packed_record
 from ovis_model.train.dataset import PackedStage
@@ -33,6 +34,16 @@ def _jpeg(image) -> bytes:
     return buf.getvalue()
 
 
+def targets_by_hand(ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> int:
+    """Supervised next-token targets, one position at a time: a labelled text token that is not the first
+    of its sub-sample (nothing before it there predicts it)."""
+    n = start = 0
+    for length in lengths.tolist():
+        n += sum(1 for t in range(start + 1, start + length) if labels[t] != -100 and ids[t] != -200)
+        start += length
+    return n
+
+
 def write_stage(out: Path, seed: int = 0) -> Path:
     """A packed stage written with the pack stage's ShardWriter, and the manifest fields the loader reads."""
     rng = np.random.default_rng(seed)
@@ -49,11 +60,8 @@ def write_stage(out: Path, seed: int = 0) -> Path:
                 if sum(t + k * VISUAL_TOKENS for t, k in specs) <= CAPACITY:
                     break
             rec = random_packed_record(rng, specs)
-            ids, labels, lengths = expand_image_placeholders(
-                rec["input_ids"], rec["labels"], rec["lengths"], VISUAL_TOKENS
-            )
-            tokens.append(len(ids))
-            supervised.append(count_targets(labels, lengths))
+            tokens.append(len(rec["input_ids"]) + (VISUAL_TOKENS - 1) * len(rec["images"]))
+            supervised.append(targets_by_hand(rec["input_ids"], rec["labels"], rec["lengths"]))
             writer.write(
                 Record(
                     key=f"{s:05d}_{p:05d}",
@@ -61,7 +69,7 @@ def write_stage(out: Path, seed: int = 0) -> Path:
                     labels=rec["labels"],
                     lengths=rec["lengths"],
                     images=[_jpeg(im) for im in rec["images"]],
-                    meta={"tokens": len(ids)},
+                    meta={"tokens": tokens[-1]},
                 )
             )
         writer.close()
@@ -121,6 +129,12 @@ def _fingerprint(batch: dict) -> str:
 
 def test_ranks_and_workers_cover_the_epoch_disjointly_with_equal_counts(stage_dir: Path) -> None:
     total = sum(SHARD_RECORDS)
+    manifest = json.loads((stage_dir / "manifest.json").read_text())
+    by_key = {  # each record's supervised targets, counted by hand when the stage was written
+        f"{shard['name']}/{s:05d}_{p:05d}": n
+        for s, shard in enumerate(manifest["shards"])
+        for p, n in enumerate(shard["record_supervised"])
+    }
     seen: dict[int, list[str]] = {}
     counts = {}
     for rank in (0, 1):
@@ -138,7 +152,7 @@ def test_ranks_and_workers_cover_the_epoch_disjointly_with_equal_counts(stage_di
             assert 0 < meta["tokens"] <= 200  # the budget, images expanded
             assert meta["computed"] == meta["tokens"]  # concatenated layout: no padding computed
             assert inputs["input_ids"].shape == (1, meta["tokens"])
-            assert b["n_supervised"] == count_targets(inputs["labels"][0].numpy(), _lengths(inputs))
+            assert b["n_supervised"] == sum(by_key[k] for k in meta["keys"])
             if meta["images"]:
                 assert inputs["pixel_values"].shape == (meta["images"], 28, 28, 3)  # canvases, channels last
                 assert inputs["pixel_values"].dtype == torch.uint8  # normalised on the device
@@ -157,11 +171,6 @@ def test_ranks_and_workers_cover_the_epoch_disjointly_with_equal_counts(stage_di
     assert [_fingerprint(b) for b in itertools.islice(solo, n)] == [
         _fingerprint(b) for b in itertools.islice(two, n)
     ]
-
-
-def _lengths(inputs: dict) -> np.ndarray:
-    cu = inputs["cu_seqlens"].numpy()
-    return np.diff(cu)
 
 
 def test_exact_resume_mid_epoch_two_ranks_two_workers(stage_dir: Path) -> None:
@@ -226,7 +235,7 @@ def test_undecodable_image_names_its_record_and_is_dropped_with_the_flag(
 ) -> None:
     import shutil
 
-    from ovis_data.pack.shards import read_records
+    from ovis_data.shards import read_records
 
     broken = tmp_path / "stage3"
     shutil.copytree(stage_dir, broken)
@@ -258,7 +267,7 @@ def test_shards_read_alike_through_the_header_walk_and_tarfile(stage_dir: Path, 
     import io
     import tarfile
 
-    from ovis_data.pack.shards import iter_records
+    from ovis_data.shards import iter_records
 
     src = stage_dir / "stage3-00000.tar"
     plain = list(iter_records(src))

@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +136,9 @@ def worker(out_path: str) -> None:
     if rank == 0:
         Path(out_path).write_text(json.dumps(results, indent=2))
     dist.barrier()
+    # Torn down while Python is whole: left to the interpreter's exit, the process group's C++ threads can
+    # outlive what they hold and end the process in std::terminate (as ovis-train does: train/setup.py).
+    dist.destroy_process_group()
 
 
 def test_zero2_and_zero3_two_ranks_one_without_image(tmp_path: Path) -> None:
@@ -152,15 +154,6 @@ def test_zero2_and_zero3_two_ranks_one_without_image(tmp_path: Path) -> None:
         port = sock.getsockname()[1]
     cmd = [torchrun, "--nproc_per_node", str(WORLD), "--master_port", str(port), __file__, str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540, cwd=repo)
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        # Seen once in ~5 runs on CPU: one rank aborted inside DeepSpeed/gloo's C++ threads (std::terminate,
-        # no Python error) during the ZeRO-3 case. A rank that dies that way is retried once on a new
-        # port; any Python error or wrong result still fails at once.
-        warnings.warn("a DeepSpeed rank aborted in C++ (std::terminate); retrying the run once", stacklevel=1)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            cmd[4] = str(sock.getsockname()[1])
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540, cwd=repo)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads(out.read_text())
     for name, _, trainable, _, vit_forwards in CASES:

@@ -20,9 +20,9 @@ moto_server = pytest.importorskip("moto.server")
 
 from ovis_data.fetch import FetchOptions, NetParams, fetch_datasets  # noqa: E402
 from ovis_data.imagestore import load_index  # noqa: E402
-from ovis_data.pack.shards import iter_records  # noqa: E402
 from ovis_data.pack.stage import pack_stage  # noqa: E402
 from ovis_data.registry import load_registry  # noqa: E402
+from ovis_data.shards import iter_records  # noqa: E402
 from ovis_data.storage import RemotePath, as_path  # noqa: E402
 from ovis_data.validate.dataset import validate_dataset  # noqa: E402
 

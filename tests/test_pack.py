@@ -25,12 +25,13 @@ from test_validate import CONV_ROWS, make_root, write_meta, write_shards
 
 from ovis_data.errors import OvisDataError
 from ovis_data.imagestore import ImageStore
-from ovis_data.pack import shards
-from ovis_data.pack.shards import read_records, resize_for_vit
+from ovis_data.pack import images as pack_images
+from ovis_data.pack.images import resize_for_vit
 from ovis_data.pack.stage import pack_stage
 from ovis_data.pack.tokenize import tokenizer_identity
 from ovis_data.recipes import load_recipe
 from ovis_data.registry import load_registry
+from ovis_data.shards import read_records
 from ovis_data.validate.catalog import catalog_path, check_catalog_current
 from ovis_data.validate.dataset import validate_dataset
 
@@ -165,7 +166,7 @@ def test_resize_for_vit_reads_headers_as_pil_does(mode: str, size: tuple[int, in
     Image.new(mode, size, 90).save(buf, "JPEG", quality=90)
     data = buf.getvalue()
     fast = resize_for_vit(data, 336)
-    monkeypatch.setattr(shards, "simplejpeg", None)
+    monkeypatch.setattr(pack_images, "simplejpeg", None)
     assert fast == resize_for_vit(data, 336)
     assert (fast[0] is data) == (mode == "RGB" and max(size) == 336)
 

@@ -7,6 +7,7 @@ SIGTERM, 2 ranks (torchrun, gloo) at ZeRO-2 and ZeRO-3, and each bad input refus
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -156,7 +157,7 @@ def test_stages_chain_with_the_recipes_freezing(
     for stage in (1, 2, 3):
         run_dir = run / f"stage{stage}"
         losses = _losses(run_dir)
-        assert len(losses) >= 3 and all(v == v for v in losses.values())  # finite, one per step
+        assert len(losses) >= 3 and all(math.isfinite(v) for v in losses.values())  # one per step
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
         # one epoch convention: a step line says the epoch (from 0) its micro-batches came from, and an
         # epoch_end event follows the last step of that epoch
@@ -234,16 +235,12 @@ def test_two_ranks_torchrun(zero: int, packed: Path, parts: tuple[Path, Path], t
            "--vit", str(vit_dir), "--max-steps", "3", "--set", f"deepspeed=zero{zero}.json",
            "--set", 'trainable=["all"]', *FAST]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400, cwd=REPO)
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        cmd[4] = str(_free_port())  # a rare gloo abort in C++ at exit (see test_model_deepspeed): once more
-        shutil.rmtree(tmp_path / "stage1", ignore_errors=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "stage1"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["world_size"] == 2 and config["deepspeed"]["zero_optimization"]["stage"] == zero
     losses = _losses(run_dir)
-    assert sorted(losses) == [1, 2, 3] and all(v == v for v in losses.values())
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     weights = _weights(run_dir / "model")
     llm0 = _weights(llm_dir)
     assert all(w.numel() > 0 for w in weights.values())  # ZeRO-3's partitions gathered

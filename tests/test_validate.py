@@ -9,6 +9,7 @@ import re
 import tarfile
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,14 +18,53 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from ovis_data.constants import clean_caption
 from ovis_data.errors import OvisDataError
-from ovis_data.imagestore import ImageStore, build_index
-from ovis_data.pack.templates import clean_caption
+from ovis_data.imagestore import ImageStore, build_index, unsafe_path_reason, unsafe_path_sql
 from ovis_data.registry import load_registry
 from ovis_data.validate.bad_samples_report import write_report
 from ovis_data.validate.catalog import read_catalog, rejected_path
 from ovis_data.validate.dataset import validate_dataset
 from ovis_data.validate.imagecheck import ImageLimits
+
+UNSAFE_PATHS = {
+    "": "empty path",
+    "a.jpg": None,
+    "/etc/passwd": "absolute path",
+    "\\share\\x.jpg": "absolute path",
+    "C:x.jpg": "absolute path",
+    "1:x.jpg": None,  # a drive is a letter
+    "a/../b.jpg": "'..' segment",
+    "..": "'..' segment",
+    "a\\..\\b.jpg": "'..' segment",
+    "a/..b.jpg": None,
+    "a/.../b.jpg": None,
+    "a\x00b.jpg": "NUL byte in path",
+    "../a\x00": "NUL byte in path",  # the first rule that applies
+    "\n": None,
+    "a/..\n": None,  # a name "..\n" is no parent
+    "it's.jpg": None,
+}
+
+
+def _unsafe_in_duckdb(paths: list[str]) -> dict[str, str | None]:
+    rows = duckdb.execute(
+        f"SELECT p, {unsafe_path_sql('p')} FROM (SELECT unnest($paths) AS p)", {"paths": paths}
+    )
+    return dict(rows.fetchall())
+
+
+def test_unsafe_path_rule_is_one_in_python_and_in_duckdb():
+    """validate (SQL over millions of paths) and fetch/the readers (Python, one path) refuse the same paths
+    for the same reason: both are made from imagestore.UNSAFE_PATH_RULES."""
+    assert {p: unsafe_path_reason(p) for p in UNSAFE_PATHS} == UNSAFE_PATHS
+    assert _unsafe_in_duckdb(list(UNSAFE_PATHS)) == UNSAFE_PATHS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet="a./\\:C\x00\n'", max_size=8), min_size=1, max_size=40))
+def test_unsafe_path_rule_agrees_on_any_path(paths: list[str]):
+    assert _unsafe_in_duckdb(paths) == {p: unsafe_path_reason(p) for p in paths}
 
 
 def jpeg(w: int = 64, h: int = 48, color=(200, 30, 40)) -> bytes:
@@ -406,7 +446,7 @@ def test_turn_and_field_types_are_named_in_the_detail(root_info):
 
 
 def test_captions_blank_once_cleaned_are_empty_captions(tmp_path: Path):
-    """The rule pack applies (templates.clean_caption): <image> removed, surrounding white space stripped."""
+    """The rule pack applies (constants.clean_caption): <image> removed, surrounding white space stripped."""
     root, info = make_root(tmp_path)
     caps = ["ok", "  \n\t ", "<image>", " <image>\u3000<image> ", "\u2003", "<image>x", "<im<image>age>", ""]
     pq.write_table(

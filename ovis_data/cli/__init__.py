@@ -10,7 +10,7 @@ from ..errors import OvisDataError
 from .app import app
 
 # Each module registers its commands on `app`; a missing optional one must not break the others.
-_COMMAND_MODULES = ("list_cmd", "fetch_cmd", "validate_cmd", "pack_cmd", "inspect_cmd", "demo_cmd")
+_COMMAND_MODULES = ("list_cmd", "get_cmd", "fetch_cmd", "validate_cmd", "pack_cmd", "inspect_cmd", "demo_cmd")
 for _name in _COMMAND_MODULES:
     try:
         importlib.import_module(f"{__name__}.{_name}")

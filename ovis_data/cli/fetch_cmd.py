@@ -12,6 +12,7 @@ from ..clikit import expect_file, expect_file_or_creatable, print_table
 from ..errors import OvisDataError
 from ..fetch import FetchOptions, ImageParams, NetParams, fetch_datasets, parse_part
 from ..fetch.progress import summary_table
+from ..get import ensure_url_lists
 from ..registry import load_registry, resolve_root
 from .app import app
 from .common import InfoOption, RootOption, console, err_console
@@ -88,7 +89,7 @@ def fetch(
             "--max-side >= 0, 1 <= --quality <= 100, --concurrency/--per-host >= 1, --retries >= 0"
         )
     registry = load_registry(dataset_info)
-    base = resolve_root(root)
+    base = resolve_root(root, must_exist=False)
     options = FetchOptions(
         layout=layout,
         image=ImageParams(max_side=max_side, quality=quality),
@@ -106,6 +107,14 @@ def fetch(
         part=parse_part(part),
         ray=ray,
     )
+    if isinstance(base, Path):  # a URL list not there yet comes from its registry source first
+        from ..fetch.engine import url_datasets, url_spec
+
+        wanted = [url_spec(registry, n) for n in names] if names else url_datasets(registry)
+        for name in ensure_url_lists(wanted, base):
+            err_console.print(f"got the URL list of {name} from its source")
+    elif not base.is_dir():
+        raise OvisDataError(f"data root {base} does not exist or holds nothing")
     if engine == "img2dataset":
         from ..fetch.img2dataset_engine import fetch_datasets_with_img2dataset
 

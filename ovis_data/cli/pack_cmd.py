@@ -49,6 +49,14 @@ def pack(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace shards packed earlier from other inputs.")
     ] = False,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            metavar="FRACTION",
+            help="Share of each dataset's selected samples kept out of training, packed into OUT/stageN/val/ "
+            "(chosen by a hash of the sample id and --seed).",
+        ),
+    ] = 0.0,
     dataset_info: InfoOption = None,
     quiet: QuietOption = False,
     ray: Annotated[
@@ -97,6 +105,7 @@ def pack(
             registry=registry,
             progress=on_progress,
             ray=ray,
+            holdout=holdout,
         )
     n = manifest["stage"]
     table = Table(title=f"stage {n} packed into {as_path(out) / f'stage{n}'}")
@@ -111,3 +120,6 @@ def pack(
         f"shards, fill {manifest['fill']:.2%}; dropped: "
         + (", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none")
     )
+    if holdout:
+        held = sum(d.get("held_out", 0) for d in manifest["datasets"].values())
+        console.print(f"{held:,} samples held out for validation in {as_path(out) / f'stage{n}' / 'val'}")

@@ -9,11 +9,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _SOURCES = {
-    "FetchOptions": "engine",
-    "fetch_dataset": "engine",
-    "fetch_datasets": "engine",
-    "fetch_url_list": "engine",
-    "parse_part": "engine",
+    "FetchOptions": "options",
+    "fetch_dataset": "api",
+    "fetch_datasets": "api",
+    "fetch_url_list": "api",
+    "parse_part": "options",
     "ImageParams": "images",
     "NetParams": "net",
     "open_url_list": "reader",
@@ -37,9 +37,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .engine import FetchOptions, fetch_dataset, fetch_datasets, fetch_url_list, parse_part
+    from .api import fetch_dataset, fetch_datasets, fetch_url_list
     from .images import ImageParams
     from .net import NetParams
+    from .options import FetchOptions, parse_part
     from .progress import FetchReport
     from .reader import open_url_list
     from .serve import serve_app, serve_directory

@@ -30,8 +30,9 @@ from ..errors import OvisDataError
 from ..imagestore import build_index, unsafe_path_reason
 from ..registry import DatasetSpec, load_registry
 from . import classes as C
-from .engine import DEFAULT_SHARD_SIZE, FetchOptions, url_spec
+from .api import url_spec
 from .frames import default_processes
+from .options import DEFAULT_SHARD_SIZE, FetchOptions
 from .progress import FetchReport
 from .reader import UrlList, open_url_list
 from .writer import BOOKKEEPING, AtomicFiles

@@ -15,18 +15,17 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 
 from ..errors import OvisDataError
 from ..imagestore import build_index
 from ..storage import AnyPath, RemotePath, staging_dir
+from .options import RUN_FILE, FetchOptions, settle_run
 from .progress import FetchReport
 from .reader import UrlList, part_shards, shard_count
-
-if TYPE_CHECKING:
-    from .engine import FetchOptions
+from .remote import fetch_here, pull_bookkeeping
 
 TASK_RETRIES = 4  # a task lost with its node (or its worker) is run again up to this many times
 
@@ -54,25 +53,20 @@ def task_cpus(ray: Any, processes: int) -> int:
 
 
 def _fetch_one(url_list: UrlList, image_dir: AnyPath, options: FetchOptions) -> FetchReport:
-    from .engine import fetch_url_list
-
-    return fetch_url_list(url_list, image_dir, options, label=f"shard {options.part[0]}", index=False)
+    return fetch_here(url_list, image_dir, options, label=f"shard {options.part[0]}", index=False)
 
 
 def _settle(url_list: UrlList, image_dir: AnyPath, opts: FetchOptions) -> tuple[str, int]:
     """Layout and shard size as a local run settles them (run.json written before any task starts)."""
-    from .engine import _settle_run
-    from .remote import RUN_FILE, pull_bookkeeping
-
     if isinstance(image_dir, RemotePath):
         staging = staging_dir("fetch", f"{image_dir}#driver")
         pull_bookkeeping(image_dir, staging, retry_failed=False)
         (staging / RUN_FILE).parent.mkdir(parents=True, exist_ok=True)
-        layout, size = _settle_run(staging, url_list, opts)
+        layout, size = settle_run(staging, url_list, opts)
         (image_dir / RUN_FILE).put_file(staging / RUN_FILE)
         return layout, size
-    Path(image_dir, ".fetch").mkdir(parents=True, exist_ok=True)
-    return _settle_run(Path(image_dir), url_list, opts)
+    (Path(image_dir) / RUN_FILE).parent.mkdir(parents=True, exist_ok=True)
+    return settle_run(Path(image_dir), url_list, opts)
 
 
 def fetch_with_ray(

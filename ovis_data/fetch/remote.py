@@ -14,22 +14,19 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 from rich.console import Console
 
 from ..imagestore import build_index
-from ..storage import RemotePath, staging_dir
+from ..storage import AnyPath, RemotePath, staging_dir
 from . import classes as C
+from .engine import fetch_local
+from .options import RUN_FILE, FetchOptions
 from .progress import FetchReport
 from .reader import UrlList, part_shards, shard_count
 from .writer import BOOKKEEPING, shard_name, status_dir
 
-if TYPE_CHECKING:
-    from .engine import FetchOptions
-
-RUN_FILE = f"{BOOKKEEPING}/run.json"
 INDEX_PARTS = f"{BOOKKEEPING}/index"
 
 
@@ -89,17 +86,19 @@ def push_shard(remote: RemotePath, staging: Path, layout: str, shard_id: int) ->
     (where / f"{name}_stats.json").put_file(local / f"{name}_stats.json")
 
 
-def fetch_to_remote(
+def fetch_here(
     url_list: UrlList,
-    remote: RemotePath,
+    image_dir: AnyPath,
     options: FetchOptions,
     label: str = "",
     console: Console | None = None,
     index: bool = True,
 ) -> FetchReport:
-    """fetch_url_list into `remote` (see the module's docstring)."""
-    from .engine import fetch_url_list  # engine imports this module lazily
-
+    """The engine on this machine: into a local folder directly, into an object store through a staging
+    folder (see the module's docstring)."""
+    if not isinstance(image_dir, RemotePath):
+        return fetch_local(url_list, image_dir, options, label, console, index=index)
+    remote = image_dir
     i, n = options.part
     staging = staging_dir("fetch", f"{remote}#part-{i + 1}-of-{n}")
     pull_bookkeeping(remote, staging, options.retry_failed, options.part)
@@ -110,7 +109,7 @@ def fetch_to_remote(
             layouts.append(json.loads((staging / RUN_FILE).read_text())["layout"])
         push_shard(remote, staging, layouts[0], shard_id)
 
-    report = fetch_url_list(url_list, staging, options, label, console, on_shard=on_shard, index=False)
+    report = fetch_local(url_list, staging, options, label, console, on_shard=on_shard, index=False)
     (remote / RUN_FILE).put_file(staging / RUN_FILE)
     if report.layout == "shards" and index:
         build_index(remote)  # from the shards' index parts in the store

@@ -23,7 +23,7 @@ from .reader import ShardRows, UrlList, read_rows
 from .writer import AtomicFiles, FilesShard, TarShard, shard_name
 
 if TYPE_CHECKING:
-    from .engine import FetchOptions
+    from .options import FetchOptions
 
 
 @dataclass

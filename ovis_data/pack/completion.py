@@ -9,7 +9,7 @@ from itertools import chain
 
 import numpy as np
 
-from .lp import _PRICE_SCALE
+from .lp import PRICE_SCALE
 
 _POOR_FILL = 0.01  # a pack more than 1 % empty ...
 _POOR_VALUE = 0.05  # ... and (when value is the dual) short of 1 by more than 5 % is poor: lengths sit
@@ -276,10 +276,10 @@ def _poor(
     sizes = np.fromiter(map(len, packs), dtype=np.int64, count=len(packs))
     flat = np.fromiter(chain.from_iterable(packs), dtype=np.int64, count=int(sizes.sum()))
     value = np.add.reduceat(units[lens[flat]], np.concatenate(([0], np.cumsum(sizes)[:-1])))
-    return (value < (1 - _POOR_VALUE) * _PRICE_SCALE) & (tokens < (1 - _POOR_FILL) * capacity)
+    return (value < (1 - _POOR_VALUE) * PRICE_SCALE) & (tokens < (1 - _POOR_FILL) * capacity)
 
 
-def _pack_buffer(
+def pack_buffer(
     lens: np.ndarray,
     imgs: np.ndarray,
     capacity: int,

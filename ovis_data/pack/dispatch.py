@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..interrupt import cancel_pending, quiet_on_sigint, run_task
+from ..lifeline import exit_with
 from .worker import PackConfig, PackWorker, Unit
 
 Progress = Callable[[str, int, int], None]  # (phase "tokenize" | "write", samples | records done, total)
@@ -29,12 +30,17 @@ def _init_worker(cfg: PackConfig, backend_json: str, units: list[Unit] | None, b
     _worker = PackWorker(cfg, backend_json, units, bases)
 
 
+def _init_pool_worker(owner: int, *init: Any) -> None:
+    exit_with(owner)  # a SIGKILLed pack leaves no worker behind
+    _init_worker(*init)
+
+
 def _call(fn: Callable, *args: Any) -> Any:
     """One task in a pool's process: the method `fn` of the worker its initializer made."""
     return run_task(fn, _worker, *args)
 
 
-def _run(
+def run_tasks(
     fn: Callable,
     tasks: list[tuple],
     processes: int,
@@ -64,7 +70,10 @@ def _run(
                 progress(label, done, total)
         return results
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+    pool = ProcessPoolExecutor(
+        processes, mp_context=ctx, initializer=_init_pool_worker, initargs=(os.getpid(), *init)
+    )
+    with pool:
         futures = {pool.submit(_call, fn, *t): w for t, w in zip(tasks, weights, strict=True)}
         try:
             for fut in as_completed(futures):

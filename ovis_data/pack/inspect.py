@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import OvisDataError
-from .shards import Record, ShardError, read_records
+from ..shardformat import MANIFEST, Record, ShardError
+from ..shards import read_records
 from .templates import IGNORE_ID, IMAGE_ID
 from .tokenize import load_tokenizer
 
@@ -31,6 +32,11 @@ def find_record(shard: Path, record: int | str = 0) -> Record:
     try:
         for i, rec in enumerate(read_records(shard)):
             if rec.key == str(record) or (isinstance(record, int) and i == record):
+                if rec.input_ids.size == 0:
+                    raise OvisDataError(
+                        f"{shard}: record {rec.key!r} has no tokens ({rec.key}.input_ids.npy): not a record "
+                        "written by ovis-data pack"
+                    )
                 return rec
     except ShardError as e:
         raise OvisDataError(f"not a readable packed shard: {e}") from e
@@ -39,7 +45,7 @@ def find_record(shard: Path, record: int | str = 0) -> Record:
 
 def _tokenizer_for(shard: Path, tokenizer: str | Path | None) -> Any:
     if tokenizer is None:
-        manifest = Path(shard).parent / "manifest.json"
+        manifest = Path(shard).parent / MANIFEST
         if not manifest.exists():
             raise OvisDataError(f"{manifest} not found: pass --tokenizer")
         tokenizer = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["path"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-_PRICE_SCALE = 1 << 20  # duals are rounded to multiples of 2^-20 and used as integers
+PRICE_SCALE = 1 << 20  # duals are rounded to multiples of 2^-20 and used as integers
 _LP_GAP = 1e-3  # column generation stops once the Farley bound is this close to the master
 
 
@@ -50,7 +50,7 @@ def _knapsack(w: np.ndarray, ub: np.ndarray, y: np.ndarray, cells: int, n_cols: 
     return float(best.max()), patterns
 
 
-def _lp_duals(
+def lp_duals(
     w: np.ndarray, d: np.ndarray, cells: int, max_pivots: int = 20000, max_rounds: int = 400
 ) -> np.ndarray | None:
     """Optimal duals y of  min sum x_p  s.t.  sum_p a_p x_p >= d, x >= 0  over all patterns a (w.a <= cells),

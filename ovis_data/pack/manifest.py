@@ -1,38 +1,37 @@
-"""A packed stage's manifest (`manifest.json`): what was assumed (tokenizer, template, capacity, image
-settings) and what every shard holds, built from the shards' stats; the trainer reads nothing else. The
-contract is written down in docs/packed-shards.md."""
+"""A packed stage's manifest (`shardformat.MANIFEST`): what was assumed (tokenizer, template, capacity,
+image settings) and what every shard holds, built from the shards' stats; the trainer reads nothing else.
+The contract is written down in docs/packed-shards.md."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from enum import IntEnum
 
+from ..constants import IGNORE_ID, IMAGE_ID
 from ..errors import OvisDataError
-from .templates import IGNORE_ID, IMAGE_ID
-
-FORMAT = "ovis-packed-v1"
-MANIFEST = "manifest.json"
-# Per shard in the manifest; the per-record lists let a loader plan micro-batches without opening tars.
-SHARD_KEYS = (
-    "name",
-    "records",
-    "samples",
-    "tokens",
-    "input_ids",
-    "images",
-    "bytes",
-    "sha256",
-    "record_tokens",  # per record, in order: expanded length (visual_tokens per image)
-    "record_supervised",  # per record: supervised targets (labels[1:n] != -100 within each sub-sample)
-)
+from ..shardformat import FORMAT, SHARD_KEYS
 
 
-def _manifest_is_current(manifest: dict) -> bool:
-    return "vocab_sha256" in manifest.get("tokenizer", {}) and all(
-        all(k in st for k in SHARD_KEYS) for st in manifest.get("shards", [])
-    )
+class DropReason(IntEnum):
+    """Why a selected sample was not packed, as the manifest counts it (`label`). The first five are
+    decided from the tokenized samples before packing (the int8 code per sample, 0 = kept; where several
+    apply, the lowest code wins); IMAGE_UNREADABLE and DECOMPRESSION_BOMB when its shard is written."""
+
+    KEPT = 0
+    TEMPLATE_ERROR = 1  # the chat/caption template refused the sample
+    IMAGE_MISMATCH = 2  # <image> marks in the text and image paths differ in number
+    NO_LABEL = 3  # nothing supervised
+    TOO_LONG = 4  # longer than a packed sequence once its images are expanded
+    TOO_MANY_IMAGES = 5  # more images than one packed sequence may hold
+    IMAGE_UNREADABLE = 6  # gone or broken since validation
+    DECOMPRESSION_BOMB = 7  # over Pillow's pixel limit (a catalog validated with --meta-only)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
 
 
-def _manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards) -> dict:
+def build_manifest(cfg, recipe, identity, inputs_sha, caption_templates, datasets, shards) -> dict:
     """Per dataset (sorted by name): catalog, kept, weight, selected = packed + dropped (by reason)."""
     packed: Counter = Counter()
     late: dict[str, Counter] = defaultdict(Counter)

@@ -46,8 +46,8 @@ from itertools import chain
 
 import numpy as np
 
-from .completion import _pack_buffer
-from .lp import _PRICE_SCALE, _lp_duals
+from .completion import pack_buffer
+from .lp import PRICE_SCALE, lp_duals
 
 DEFAULT_BUFFER = 65536
 DEFAULT_PASSES = 3
@@ -241,7 +241,7 @@ def _class_duals(cls: np.ndarray, d: np.ndarray, cells: int) -> np.ndarray | Non
     if key not in _DUALS_CACHE:
         if len(_DUALS_CACHE) >= _DUALS_CACHE_SIZE:
             _DUALS_CACHE.pop(next(iter(_DUALS_CACHE)))
-        _DUALS_CACHE[key] = _lp_duals(cls, d, cells)
+        _DUALS_CACHE[key] = lp_duals(cls, d, cells)
     y = _DUALS_CACHE[key]
     return None if y is None else y.copy()
 
@@ -267,7 +267,7 @@ def item_values(lengths: np.ndarray, capacity: int, buffer_size: int = DEFAULT_B
     per_class = np.zeros(cap // g + 1)
     per_class[cls] = y
     per_class = np.maximum.accumulate(per_class)  # monotone (the exchange columns make it so already)
-    units = np.rint(np.minimum(per_class, 1.0) * _PRICE_SCALE).astype(np.int64)
+    units = np.rint(np.minimum(per_class, 1.0) * PRICE_SCALE).astype(np.int64)
     return units[ln // g] * (2 * cap + 2) + ln
 
 
@@ -301,7 +301,7 @@ def pack_lengths(
     for start in range(0, n, buffer_size):
         items = np.concatenate((carried, perm[start : start + buffer_size]))
         last = start + buffer_size >= n
-        packs, poor = _pack_buffer(
+        packs, poor = pack_buffer(
             lengths[items],
             images[items],
             capacity,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ..constants import DEFAULT_CAPTION_TEMPLATE, IGNORE_ID, IMAGE_ID, IMAGE_MARK
+from ..constants import DEFAULT_CAPTION_TEMPLATE, IGNORE_ID, IMAGE_ID, IMAGE_MARK, clean_caption
 from ..errors import OvisDataError
 
 __all__ = ["DEFAULT_CAPTION_TEMPLATE", "IGNORE_ID", "IMAGE_ID", "IMAGE_MARK"]  # re-exported for callers
@@ -172,12 +172,6 @@ def render_caption(caption: str | None, template: str = DEFAULT_CAPTION_TEMPLATE
     if template.count(IMAGE_MARK) != 1:
         raise OvisDataError(f"caption template {template!r} must contain exactly one {IMAGE_MARK!r}")
     return [Turn(template), Turn(clean_caption(caption), "", False)]
-
-
-def clean_caption(caption: str | None) -> str:
-    """The caption text that is trained on: a literal `<image>` removed, surrounding white space stripped.
-    Validate rejects a caption this leaves empty (`empty_caption`) by calling this very function."""
-    return (caption or "").replace(IMAGE_MARK, "").strip()
 
 
 def tokenizer_name(tokenizer: Any) -> str:

@@ -17,11 +17,15 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from ..arrowmap import MappedArrow
+from ..constants import IGNORE_ID
 from ..imagestore import ImageStore
 from ..interrupt import removed_on_failure
+from ..shardformat import Record, expanded_length, shard_name, supervised_targets
+from ..shards import ShardWriter
 from ..storage import as_path
-from .shards import Record, ShardWriter, resize_for_vit, supervised_targets
-from .templates import IGNORE_ID, ChatTemplateFormat
+from .images import resize_for_vit
+from .manifest import DropReason
+from .templates import ChatTemplateFormat
 from .tokenize import SampleEncoder, load_tokenizer
 
 TOKENIZE_BATCH = 4096
@@ -74,22 +78,18 @@ class Unit:
     path: str  # the unit's Arrow file
 
 
-def shard_name(stage: int, index: int) -> str:
-    return f"stage{stage}-{index:05d}.tar"
-
-
 def _json_text(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
+def atomic_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(_json_text(obj), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def _mapped_index_path(cfg: PackConfig, dataset: str) -> Path:
+def mapped_index_path(cfg: PackConfig, dataset: str) -> Path:
     return Path(cfg.out) / WORK / "tok" / "index" / f"{dataset}.arrow"  # removed with tok/ when done
 
 
@@ -206,7 +206,7 @@ class PackWorker:
         if dataset not in stores:
             image_dir = self.cfg.image_dirs[dataset]
             stores[dataset] = ImageStore(as_path(image_dir)) if image_dir is not None else None
-            mapped = _mapped_index_path(self.cfg, dataset)
+            mapped = mapped_index_path(self.cfg, dataset)
             if stores[dataset] is not None and stores[dataset].layout == "shards" and mapped.exists():
                 stores[dataset].map_index(mapped)
         return stores[dataset]
@@ -217,7 +217,7 @@ class PackWorker:
         resident memory, 10M samples' worth; mapped again for the next shard, they cost a few milliseconds."""
         self.readers.clear()
         stores = self.stores
-        for dataset in [d for d in stores if _mapped_index_path(self.cfg, d).exists()]:
+        for dataset in [d for d in stores if mapped_index_path(self.cfg, d).exists()]:
             stores.pop(dataset).close()
 
     def _trim_mappings(self) -> None:
@@ -255,7 +255,8 @@ class PackWorker:
                         ]
                     except Exception as e:  # gone or broken since validation: drop the sample, keep the pack
                         bomb = isinstance(e, Image.DecompressionBombError | Image.DecompressionBombWarning)
-                        stats["dropped"][dataset]["decompression_bomb" if bomb else "image_unreadable"] += 1
+                        why = DropReason.DECOMPRESSION_BOMB if bomb else DropReason.IMAGE_UNREADABLE
+                        stats["dropped"][dataset][why.label] += 1
                         continue
                     ids_parts.append(ids)
                     sup_parts.append(sup)
@@ -268,7 +269,7 @@ class PackWorker:
                     continue
                 input_ids = np.concatenate(ids_parts).astype(np.int32)
                 labels = np.where(np.concatenate(sup_parts), input_ids, np.int32(IGNORE_ID)).astype(np.int32)
-                tokens = len(input_ids) + (cfg.visual_tokens - 1) * len(jpgs)
+                tokens = expanded_length(len(input_ids), len(jpgs), cfg.visual_tokens)
                 lengths_arr = np.asarray(lengths, dtype=np.int32)
                 record = Record(
                     key=f"{index:05d}_{p:05d}",
@@ -300,5 +301,5 @@ class PackWorker:
             writer.path.unlink()
             (remote / WORK / "shards" / f"{index:05d}.json").write_text(_json_text(stats))
         # Written after the rename: a shard is done when its tar and its stats (with the sha256) are there.
-        _atomic_json(Path(cfg.out) / WORK / "shards" / f"{index:05d}.json", stats)
+        atomic_json(Path(cfg.out) / WORK / "shards" / f"{index:05d}.json", stats)
         return stats

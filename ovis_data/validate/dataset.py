@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +21,19 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..duck import bounded_connection
 from ..errors import OvisDataError
-from ..imagestore import ImageStore, index_file, load_index
+from ..imagestore import ImageStore, index_file, load_index, unsafe_path_sql
 from ..registry import DatasetSpec
 from ..storage import RemotePath, local_copy
-from .catalog import CATALOG_SCHEMA, catalog_dir, catalog_path, meta_file_identity, rejected_path
+from .catalog import (
+    CATALOG_SCHEMA,
+    catalog_dir,
+    catalog_path,
+    check_catalog_current,
+    meta_file_identity,
+    rejected_path,
+)
 from .imagecheck import ImageLimits, check_images
 from .metafile import MetaFileError, load_meta
 
@@ -54,51 +62,14 @@ class DatasetResult:
         return out
 
 
-# DuckDB holds the meta table, its joins and sorts; past this limit it spills them to a private folder
-# under $TMPDIR, so a 10M-row meta file (every row bad or not) validates in bounded memory.
-MEMORY_LIMIT_ENV = "OVIS_DUCKDB_MEMORY_LIMIT"
-DEFAULT_MEMORY_LIMIT = "1GB"
-THREAD_MEMORY = 128 << 20  # DuckDB threads need buffers of their own: one thread per this much of the limit
-_UNITS = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-
-
-@contextlib.contextmanager
-def bounded_connection() -> Iterator[duckdb.DuckDBPyConnection]:
-    """A DuckDB connection under the memory limit, spilling to a folder removed on exit."""
-    spill = tempfile.mkdtemp(prefix="ovis-duckdb-")
-    limit = os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT
-    try:
-        con = duckdb.connect(config={"memory_limit": limit, "temp_directory": spill})
-    except duckdb.Error as e:
-        shutil.rmtree(spill, ignore_errors=True)
-        raise OvisDataError(f"{MEMORY_LIMIT_ENV}={limit!r}: not a DuckDB memory limit ({e})") from e
-    try:
-        number, unit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0].split()
-        threads = max(1, min(os.cpu_count() or 1, int(float(number) * _UNITS[unit]) // THREAD_MEMORY))
-        con.execute(f"SET threads = {threads}")
-        con.execute("SET preserve_insertion_order = true")
-        yield con
-    finally:
-        con.close()
-        shutil.rmtree(spill, ignore_errors=True)
-
-
-# The vectorized twin of imagestore.unsafe_path_reason (which fetch and the readers use per path):
-# keep the two rules in step.
-_PATH_SQL = """
+# Each image of a sample still in the running, with why its path is unsafe (imagestore's rules), if it is.
+_PATH_SQL = f"""
 CREATE OR REPLACE TEMP TABLE img AS
 WITH u AS (
   SELECT row, generate_subscripts(images, 1) AS idx, unnest(images) AS raw_path
   FROM meta WHERE reason IS NULL AND len(images) > 0
 )
-SELECT row, idx, raw_path AS path,
-  CASE
-    WHEN raw_path = '' THEN 'empty path'
-    WHEN starts_with(raw_path, '/') OR starts_with(raw_path, '\\') OR regexp_matches(raw_path, '^[A-Za-z]:')
-      THEN 'absolute path'
-    WHEN list_contains(string_split(replace(raw_path, '\\', '/'), '/'), '..') THEN '''..'' segment'
-    WHEN contains(raw_path, chr(0)) THEN 'NUL byte in path'
-  END AS unsafe
+SELECT row, idx, raw_path AS path, {unsafe_path_sql("raw_path")} AS unsafe
 FROM u
 """
 
@@ -379,3 +350,18 @@ def validate_dataset(
         return result
     finally:
         opened.close()
+
+
+def ensure_catalog(spec: DatasetSpec, root: Path, processes: int | None = None) -> Path:
+    """The dataset's catalog for packing: validated now (header checks) when there is none yet; one older
+    than its meta file is refused, so no sample of a changed meta file is packed unchecked."""
+    path = catalog_path(root, spec.name)
+    if path.exists():
+        check_catalog_current(path, spec.name, spec.meta_path(root))
+        return path
+    result = validate_dataset(spec, root, processes=processes)
+    if result.error:
+        raise OvisDataError(f"{spec.name}: cannot validate before packing: {result.error}")
+    if not path.exists():
+        raise OvisDataError(f"{spec.name}: validation wrote no catalog at {path}")
+    return path

@@ -19,6 +19,7 @@ from typing import BinaryIO
 from PIL import Image, UnidentifiedImageError
 
 from ..interrupt import cancel_pending, quiet_on_sigint, run_task
+from ..lifeline import exit_with
 from ..storage import as_path, read_range
 
 # Pillow's default limit (about 89.5 megapixels): a larger image is treated as a decompression bomb.
@@ -123,6 +124,11 @@ def _check_on_ray(tasks: Iterable[tuple], address: str) -> Iterator[list[Result]
         yield ray.get(pending.popleft())
 
 
+def _init_pool_worker(owner: int) -> None:
+    exit_with(owner)
+    quiet_on_sigint()
+
+
 def check_images(
     locations: Iterable[list[Location]],
     deep: bool,
@@ -143,8 +149,11 @@ def check_images(
     # forkserver: the caller runs DuckDB's threads; forking a multi-threaded process can deadlock the child
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    # Ctrl-C: the running chunks stop, queued ones never start, no traceback (ovis_data.interrupt)
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=quiet_on_sigint) as pool:
+    # Ctrl-C: the running chunks stop, queued ones never start, no traceback (ovis_data.interrupt);
+    # exit_with: a SIGKILLed validate leaves no worker behind
+    init = {"initializer": _init_pool_worker, "initargs": (os.getpid(),)}
+    pool = ProcessPoolExecutor(processes, mp_context=ctx, **init)
+    with pool:
         # map() submits everything up front; bound the in-flight chunks so 10M paths never sit in memory.
         pending = []
         try:

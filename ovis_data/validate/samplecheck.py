@@ -1,7 +1,7 @@
 """Per-sample checks of a meta file, as DuckDB SQL: from `meta_src` (each sample's fields as read by
 metafile.py) to the table `meta`, each sample with its reason and detail (docs/meta-files.md lists them).
 
-A caption's blankness is decided by the rule pack applies (pack.templates.clean_caption), run as a UDF.
+A caption's blankness is decided by the rule pack applies (constants.clean_caption), run as a UDF.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import contextlib
 import duckdb
 import pyarrow as pa
 
-from ..pack.templates import clean_caption
+from ..constants import clean_caption
 
 # JSON types a turn value may have: text, or a number (read as its text).
 TEXT_TYPES = "('VARCHAR', 'BIGINT', 'UBIGINT', 'DOUBLE')"
@@ -150,7 +150,7 @@ SELECT row,
     WHEN cap_type = 'NULL' THEN 'missing_field'
     WHEN cap_type <> 'VARCHAR' THEN 'bad_type'
     -- a caption with a letter or digit left once <image> is removed is never blank: the Python rule
-    -- (pack.templates.clean_caption) only runs on the rest
+    -- (constants.clean_caption) only runs on the rest
     WHEN NOT regexp_matches(replace(caption_text, '<image>', ''), '[0-9A-Za-z]')
          AND ovis_blank_caption(caption_text) THEN 'empty_caption'
   END AS reason,
@@ -169,7 +169,7 @@ FROM d
 
 
 def _blank_captions(captions: pa.Array) -> pa.Array:
-    """DuckDB UDF: the very rule pack applies (pack.templates.clean_caption), on one vector of captions."""
+    """DuckDB UDF: the very rule pack applies (constants.clean_caption), on one vector of captions."""
     return pa.array([c is not None and not clean_caption(c) for c in captions.to_pylist()], pa.bool_())
 
 

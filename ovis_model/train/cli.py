@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -77,6 +78,13 @@ def train_command(
             help="Your own dataset_info.json: a recipe's datasets are looked up in it, then the shipped.",
         ),
     ] = None,
+    verify_data: Annotated[
+        bool,
+        typer.Option(
+            "--verify-data",
+            help="Also check every shard's sha256 against the manifest before training (sizes always are).",
+        ),
+    ] = False,
     local_rank: Annotated[int | None, typer.Option("--local_rank", hidden=True)] = None,  # deepspeed launcher
     version: Annotated[bool, version_option("ovis-train")] = False,
 ) -> None:
@@ -100,8 +108,9 @@ def train_command(
         expect_file(path, option)
     expect_dir(data, "--data")
     expect_dir_or_creatable(out, "--out")
+    from .diskfull import DiskFullError
     from .loop import train
-    from .setup import RunArgs, TrainError
+    from .setup import RunArgs, TrainError, close_distributed
 
     args = RunArgs(
         data=data,
@@ -116,6 +125,7 @@ def train_command(
         micro_batch_tokens=micro_batch_tokens,
         overrides=list(overrides or []),
         dataset_info=dataset_info,
+        verify_data=verify_data,
     )
     hf_bars_only_on_a_terminal()
     try:
@@ -123,6 +133,17 @@ def train_command(
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except DiskFullError as e:  # checkpoints written so far stay resumable
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a full disk elsewhere (metrics, TensorBoard): one line too
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"error: {e.filename or out}: no space left on device: free space or move --out", file=sys.stderr
+        )
+        sys.exit(1)
+    close_distributed()  # a finished run only: after an error, a rank may still wait in a collective
 
 
 def main() -> NoReturn:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ovis_data.recipes import StageRecipe, find_deepspeed
 
+from ..constants import VISUAL_VOCAB_SIZE
 from ..trainable import TRAINABLE_NAMES
 
 # [train]: key -> (type, default); None default = required
@@ -39,12 +40,16 @@ TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "save_every": (int, 500),
     "keep_checkpoints": (int, 3),
     "skip_bad_shards": (bool, False),
+    "max_lost_fraction": (float, 0.01),  # skip_bad_shards: stop when more of an epoch's records are lost
     "max_steps": (int, 0),  # 0: the schedule's length from the data
+    "eval_every": (int, 0),  # steps between val losses (0: only at the end); needs a packed val split
+    "keep_best": (bool, False),  # RUN/stageN/model_best: the model with the lowest val loss
+    "peak_tflops": (float, 0.0),  # per device, for MFU; 0: the table of known GPUs (ovis_model.train.flops)
 }
 MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "init": (str, "previous"),  # "parts" (base LLM + base ViT) or "previous" (a stage's model directory)
     "re_init_layers": (int, 0),
-    "visual_vocab_size": (int, 131072),
+    "visual_vocab_size": (int, VISUAL_VOCAB_SIZE),
     "attn_implementation": (str, "auto"),
 }
 SCHEDULES = ("cosine", "constant")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ovis_data.pack.manifest import FORMAT
 from ovis_data.pack.tokenize import vocab_identity
+from ovis_data.shardformat import FORMAT
 
 
 class ContractError(ValueError):

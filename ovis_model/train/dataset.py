@@ -5,18 +5,17 @@ follows the epoch plan of `ovis_model.train.plan` (seeded shard order, equal spa
 shuffle, micro-batches by a token budget, the same number of micro-batches on every rank). Each
 DataLoader worker yields the micro-batches t = start + w, start + w + W, ... of its rank, so that the
 DataLoader's round-robin hands them out in plan order. A worker reads the tars sequentially through
-`ovis_data.pack.shards.iter_records`, seeking past records it does not need, decodes and preprocesses
+`ovis_data.shards.iter_records`, seeking past records it does not need, decodes and preprocesses
 images (the model's image processor) and collates with `collate_packed`. `TrainLoader`
 (ovis_model.train.loader) runs the DataLoader over it.
 
-Tars are read with plain `tarfile` (ovis_data.pack.shards) rather than the webdataset library: the plan
+Tars are read with plain `tarfile` (ovis_data.shards) rather than the webdataset library: the plan
 needs random skips inside a shard and exact record indices for error messages and resume, which
 webdataset's streaming pipeline does not expose.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,32 +24,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ovis_data.pack.shards import Record, ShardError, iter_records
+from ovis_data.shardformat import Record, ShardError, expanded_length, placeholder_mismatch, read_manifest
+from ovis_data.shards import iter_records
 from ovis_data.storage import as_path
 
 from ..batching import collate_packed
-from ..constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from ..constants import IGNORE_INDEX
 from ..preprocess import OvisImageProcessor, decode_rgb
 from .plan import DEFAULT_WINDOW, RankPlan, ShardTable, epoch_plan
 from .wire import SlotRing, slot_bytes, to_shared
-
-MANIFEST = "manifest.json"
-
-
-def read_manifest(data_dir: str | os.PathLike) -> tuple[dict, Path]:
-    """The stage's manifest (and its path); a clear error when the folder or manifest is missing."""
-    data_dir = as_path(data_dir)  # a local folder, or a URL such as s3://bucket/packed/stage3
-    path = data_dir / MANIFEST
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"{data_dir}: no such data directory (expected OUT/stageN from ovis-data pack)"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest (is {data_dir} a stage packed by ovis-data pack?)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8")), path
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -216,9 +198,9 @@ class PackedStage(IterableDataset):
     def _decode(self, path: Path, index: int, rec: Record) -> dict:
         """The record as the collator takes it; images stay JPEG bytes until their micro-batch is built
         (a record can wait in the window's buffer: decoded pixels would be ~8x its bytes)."""
-        n_images = int(np.count_nonzero(rec.input_ids == IMAGE_TOKEN_ID))
-        if n_images != len(rec.images):
-            raise ShardError(path, index, f"{n_images} image placeholders but {len(rec.images)} images")
+        mismatch = placeholder_mismatch(rec.input_ids, len(rec.images))
+        if mismatch is not None:
+            raise ShardError(path, index, mismatch)
         return {
             "shard": path.name,
             "index": index,
@@ -273,7 +255,9 @@ class PackedStage(IterableDataset):
                 "samples": sum(len(r["lengths"]) for r in parts),
                 "images": n_images,
                 # tokens the model sees (images expanded) against tokens computed (with padding)
-                "tokens": sum(len(r["input_ids"]) for r in parts) + (self.num_visual_tokens - 1) * n_images,
+                "tokens": expanded_length(
+                    sum(len(r["input_ids"]) for r in parts), n_images, self.num_visual_tokens
+                ),
                 "computed": tokens,
                 "lost": lost,
                 "bad": bad,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
+
+from ovis_data.lifeline import exit_with
 
 from .dataset import PackedStage
 from .wire import SlotRing
@@ -24,12 +26,15 @@ STATE_VERSION = 1
 class _SameEnvironment:
     """A worker_init_fn giving each worker the environment of the process that started the DataLoader: a
     forkserver's workers would otherwise see the server's, as it was when the first loader started it
-    (credentials or endpoints set since, e.g. AWS_* for s3:// data, would be missing)."""
+    (credentials or endpoints set since, e.g. AWS_* for s3:// data, would be missing). The worker also
+    exits with that process (a SIGKILLed trainer leaves no worker behind: ovis_data.lifeline)."""
 
     def __init__(self, environ: dict[str, str]) -> None:
         self.environ = environ
+        self.owner = os.getpid()
 
     def __call__(self, _worker_id: int) -> None:
+        exit_with(self.owner)
         os.environ.clear()
         os.environ.update(self.environ)
 
@@ -58,7 +63,9 @@ class TrainLoader:
         self.epoch, self.consumed = 0, 0
         self.bad: dict[str, dict] = {}  # shard -> first event, over the run
         self.lost_records = 0
+        self.epoch_lost_records = 0  # in the current epoch (the limit train.max_lost_fraction is per epoch)
         self.empty_micro_batches = 0
+        self.on_bad: Callable[[dict], None] | None = None  # called with the first event of each bad shard
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -112,12 +119,15 @@ class TrainLoader:
                     f"expected {self.epoch}/{self.consumed}"
                 )
             for event in meta["bad"]:
+                if event["shard"] not in self.bad and self.on_bad is not None:
+                    self.on_bad(event)
                 self.bad.setdefault(event["shard"], event)
             self.lost_records += meta["lost"]
+            self.epoch_lost_records += meta["lost"]
             self.empty_micro_batches += int(meta["records"] == 0)
             self.consumed += 1
             if self.consumed == n:  # the stream goes on with the next epoch
-                self.epoch, self.consumed = self.epoch + 1, 0
+                self.epoch, self.consumed, self.epoch_lost_records = self.epoch + 1, 0, 0
                 n = self.dataset.plan(self.epoch).n_batches
             yield batch
 
@@ -142,6 +152,7 @@ class TrainLoader:
             "plan_digest": self.dataset.plan(self.epoch).digest() if self.dataset.rank == 0 else None,
             "bad_shards": dict(self.bad),
             "lost_records": self.lost_records,
+            "epoch_lost_records": self.epoch_lost_records,
             "empty_micro_batches": self.empty_micro_batches,
             **self._identity(),
         }
@@ -162,4 +173,5 @@ class TrainLoader:
             raise ValueError("cannot resume the loader exactly: the epoch plan differs from the checkpoint's")
         self.bad = dict(state.get("bad_shards", {}))
         self.lost_records = int(state.get("lost_records", 0))
+        self.epoch_lost_records = int(state.get("epoch_lost_records", 0))
         self.empty_micro_batches = int(state.get("empty_micro_batches", 0))

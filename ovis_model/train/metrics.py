@@ -7,6 +7,7 @@ live line on a terminal and plain lines every `log_every` steps elsewhere (CI lo
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,22 @@ class Metrics:
             else:
                 print(line, file=sys.stderr, flush=True)
 
+    def val(self, step: int, values: dict[str, Any]) -> None:
+        """A validation result (`val_loss`, ...): a JSON line (`"event": "val"`), TensorBoard `val/...`."""
+        if not self.enabled:
+            return
+        record = {"event": "val", "step": step, **values, "time": time.time()}
+        self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            if isinstance(value, int | float):
+                self._tb.add_scalar(f"val/{key.removeprefix('val_')}", value, step)
+        line = f"step {step}/{self.total}  val_loss {values['val_loss']:.4f}"
+        if self.live:
+            self.console.print(line, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
     def event(self, name: str, values: dict[str, Any]) -> None:
         """A non-step record (start, checkpoint, epoch summary, end) in the JSON lines."""
         if self.enabled:
@@ -84,3 +101,28 @@ def _duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def drop_superseded(run_dir: Path, step: int) -> int:
+    """Before a run resumed at `step` appends: remove the records of the steps after it (the killed run's
+    steps past its last checkpoint, which the resumed run does again), so that each step has one record.
+    Written beside and renamed. Returns how many records were dropped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a kill mid-write
+            dropped += 1
+            continue
+        if isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped

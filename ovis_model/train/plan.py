@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ovis_data.shardformat import MANIFEST
+
 DEFAULT_WINDOW = 1024  # records permuted together: the shuffle buffer's size
 
 
@@ -38,7 +40,7 @@ class ShardTable:
     supervised: np.ndarray  # supervised targets per record (flat)
 
     @classmethod
-    def from_manifest(cls, manifest: dict, where: str = "manifest.json") -> ShardTable:
+    def from_manifest(cls, manifest: dict, where: str = MANIFEST) -> ShardTable:
         names, counts, tokens, supervised = [], [], [], []
         for i, shard in enumerate(manifest.get("shards", [])):
             rec_tokens = shard.get("record_tokens")

@@ -15,13 +15,18 @@ import torch
 
 from ovis_data.errors import OvisDataError
 from ovis_data.recipes import select_recipe
+from ovis_data.shardformat import MANIFEST
 from ovis_data.storage import AnyPath, as_path
 
+from ..model_dir import check_safetensors_only
 from ..trainable import select_trainable, visual_sync_mode
+from . import checkpoint
 from .config import ConfigError, StepPlan, TrainConfig, deepspeed_config, plan_steps
 from .contract import ContractError, check_manifest
+from .datacheck import DataCheckError, check_shards
 from .dataset import PackedStage, read_manifest
 from .loader import TrainLoader
+from .runlock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
     from ..modeling import Ovis
@@ -49,6 +54,7 @@ class RunArgs:
     micro_batch_tokens: int | None = None
     overrides: list[str] = field(default_factory=list)
     dataset_info: Path | None = None
+    verify_data: bool = False  # also check every shard's sha256 (sizes are always checked)
 
 
 @dataclass
@@ -77,7 +83,7 @@ def prepare(args: RunArgs) -> Prepared:
     except ConfigError as e:
         raise TrainError(str(e)) from e
     data_dir = as_path(args.data)  # a folder, or an object-store URL (s3://...)
-    if not (data_dir / "manifest.json").is_file() and (data_dir / f"stage{cfg.stage}").is_dir():
+    if not (data_dir / MANIFEST).is_file() and (data_dir / f"stage{cfg.stage}").is_dir():
         data_dir = data_dir / f"stage{cfg.stage}"  # --data OUT as given to `ovis-data pack --out`
     try:
         manifest, manifest_path = read_manifest(data_dir)
@@ -105,16 +111,50 @@ def prepare(args: RunArgs) -> Prepared:
                     f"stage {cfg.stage} builds the model from a base LLM and a base ViT: {flag} "
                     + (f"{path} has no config.json" if path is not None else "is required")
                 )
-    ckpt = run_dir / "checkpoints"
-    if not args.resume and (ckpt / "latest").is_file():
+    for folder in (init_dir,) if init_dir is not None else (args.llm, args.vit):
+        try:
+            check_safetensors_only(Path(folder))
+        except ValueError as e:
+            raise TrainError(str(e)) from e
+    check_resume(args, run_dir / "checkpoints")
+    try:
+        check_shards(data_dir, manifest, manifest_path, hashes=args.verify_data)
+    except DataCheckError as e:
+        raise TrainError(str(e)) from e
+    return Prepared(cfg, run_dir, data_dir, manifest, manifest_path, init_dir)
+
+
+def check_resume(args: RunArgs, ckpt: Path) -> None:
+    """Checkpoints without --resume would be overwritten; --resume without any would silently start over."""
+    if not args.resume and (checkpoint.tags(ckpt) or (ckpt / "latest").is_file()):
         raise TrainError(
             f"{ckpt} holds checkpoints: pass --resume to continue that run, or use another --out"
         )
-    return Prepared(cfg, run_dir, data_dir, manifest, manifest_path, init_dir)
+    if args.resume and not checkpoint.tags(ckpt):
+        raise TrainError(
+            f"--resume: no checkpoint in {ckpt} (looked for {checkpoint.TAG_PREFIX}K folders): is --out "
+            "the run's folder? Without --resume the stage starts from step 0"
+        )
+
+
+def lock_run(run_dir: Path, say) -> RunLock | None:  # noqa: ANN001 - say: print-like
+    """Rank 0 (as the launcher's RANK says, before any process group) holds the run folder's lock for
+    the run's life; a second run into the same folder is refused naming the holder."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire(say)
+    except RunLockedError as e:
+        raise TrainError(str(e)) from e
+    return lock
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """torchrun / deepspeed launchers set RANK etc.; a plain `ovis-train` runs as a world of one."""
+    from .opcache import build_cpu_op, extensions_dir
+
+    extensions_dir()  # DeepSpeed's JIT-built ops go to this environment's cache (unless the user chose one)
     import deepspeed
 
     # DeepSpeed's ZeRO calls collectives torch deprecated: one warning per call would drown the progress line
@@ -128,12 +168,22 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(port))
     cuda = torch.cuda.is_available()
+    if not cuda:
+        build_cpu_op()  # this environment's op cache, in turn, never waiting on a killed build's lock
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def close_distributed() -> None:
+    """Tear the process group down while Python is whole, at the end of a run. Left to the interpreter's
+    exit, its C++ threads can outlive the objects they use and end the process in std::terminate
+    ("terminate called without an active exception"), a rank's exit status then failing the launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None) -> Ovis:

@@ -1,8 +1,7 @@
-"""Packed shards on disk: deterministic webdataset tars of packed sequences, and reading them back.
+"""Packed shards on disk: deterministic webdataset tars of packed records, and reading them back.
 
-One record per packed sequence, members `<key>.input_ids.npy`, `<key>.labels.npy`, `<key>.lengths.npy`,
-`<key>.img_NNN.jpg` (in placeholder order) and `<key>.json` (provenance). Every tar header is fixed
-(mtime 0, uid/gid 0, no user names, mode 0644) and members are written in one order, so the same
+The records and their members are those of the shard contract (`ovis_data.shardformat`). Every tar header
+is fixed (mtime 0, uid/gid 0, no user names, mode 0644) and members are written in one order, so the same
 records give the same bytes; a shard is written under a temporary name and renamed when complete.
 """
 
@@ -14,82 +13,22 @@ import json
 import os
 import re
 import tarfile
-import warnings
 from collections.abc import Callable, Container, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image
 
-from ..constants import IGNORE_ID, vit_resized_size
-from ..storage import RemotePath, open_binary
+from .shardformat import ARRAYS, Record, ShardError, array_member, image_member, meta_member, split_member
+from .storage import RemotePath, open_binary
 
-try:  # reads a JPEG's size and colour space without PIL's per-file parsing (a tenth of the time)
-    import simplejpeg
-except ImportError:  # a platform without its wheel: PIL reads the header
-    simplejpeg = None
-
-JPEG_QUALITY = 95
 _ZERO_BLOCK = bytes(512)
-
-
-@dataclass
-class Record:
-    """One packed sequence: its sub-samples' tokens one after another, their images and provenance."""
-
-    key: str
-    input_ids: np.ndarray  # int32
-    labels: np.ndarray  # int32
-    lengths: np.ndarray  # int32, per sub-sample
-    images: list[bytes] = field(default_factory=list)  # JPEG, in placeholder order
-    meta: dict = field(default_factory=dict)  # {"samples": [{"dataset", "row", "id"}, ...], ...}
-
-    def samples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Each sub-sample's (input_ids, labels), exactly as it was tokenized."""
-        start = 0
-        for n in self.lengths.tolist():
-            yield self.input_ids[start : start + n], self.labels[start : start + n]
-            start += n
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
     return buf.getvalue()
-
-
-def resize_for_vit(data: bytes, size: int) -> tuple[bytes, int, int]:
-    """RGB JPEG whose longer side is `size`, aspect kept (short side int(short/long*size), as v1 did);
-    the model pads it to a square. A JPEG already so is passed through byte for byte."""
-    if simplejpeg is not None and data[:2] == b"\xff\xd8":
-        try:
-            h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        except ValueError:  # PIL decides, and raises what a damaged file deserves
-            pass
-        else:  # the 3-component colour spaces PIL opens as mode "RGB"
-            if colorspace in ("YCbCr", "RGB") and (w, h) == vit_resized_size(w, h, size):
-                return data, w, h
-    # Over Pillow's pixel limit (validate's default --max-pixels too): what validation calls a
-    # decompression bomb is an error here, not a warning printed by each worker; pack drops the sample and
-    # counts it under that reason (a catalog validated with --meta-only never had its pixels checked).
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-    with img:
-        w, h = img.size
-        nw, nh = vit_resized_size(w, h, size)
-        if img.format == "JPEG" and img.mode == "RGB" and (w, h) == (nw, nh):
-            return data, w, h
-        if img.format == "JPEG" and min(w / nw, h / nh) >= 2:
-            img.draft("RGB", (nw, nh))  # decode at a DCT scale still >= the target: much less work
-        rgb = img.convert("RGB") if img.mode != "RGB" else img
-        rgb.load()
-        out = rgb.resize((nw, nh), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=JPEG_QUALITY)
-    return buf.getvalue(), nw, nh
 
 
 class _HashingFile:
@@ -151,12 +90,11 @@ class ShardWriter:
     def write(self, rec: Record) -> None:
         if "." in rec.key:
             raise ValueError(f"record key {rec.key!r} contains a dot")
-        self._add(f"{rec.key}.input_ids.npy", npy_bytes(rec.input_ids.astype(np.int32)))
-        self._add(f"{rec.key}.labels.npy", npy_bytes(rec.labels.astype(np.int32)))
-        self._add(f"{rec.key}.lengths.npy", npy_bytes(rec.lengths.astype(np.int32)))
+        for array in ARRAYS:
+            self._add(array_member(rec.key, array), npy_bytes(getattr(rec, array).astype(np.int32)))
         for i, jpg in enumerate(rec.images):
-            self._add(f"{rec.key}.img_{i:03d}.jpg", jpg)
-        self._add(f"{rec.key}.json", json.dumps(rec.meta, sort_keys=True, ensure_ascii=False).encode())
+            self._add(image_member(rec.key, i), jpg)
+        self._add(meta_member(rec.key), json.dumps(rec.meta, sort_keys=True, ensure_ascii=False).encode())
         self.records += 1
 
     def close(self) -> tuple[str, int]:
@@ -172,15 +110,6 @@ class ShardWriter:
     def abort(self) -> None:
         self._file.close()
         self.tmp.unlink(missing_ok=True)
-
-
-class ShardError(Exception):
-    """A packed shard that cannot be read as its manifest describes: names the shard and the record."""
-
-    def __init__(self, shard: Path | str, record: int | None, reason: str):
-        self.shard, self.record, self.reason = str(shard), record, reason
-        where = f"{self.shard}: record {record}" if record is not None else self.shard
-        super().__init__(f"{where}: {reason}")
 
 
 # what np.save writes for the 1-D arrays ShardWriter stores (format 1.0, little-endian integers)
@@ -202,7 +131,7 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 def _fill(rec: Record, ext: str, data: bytes) -> None:
-    if ext.endswith(".npy"):
+    if ext.endswith(".npy") and ext[: -len(".npy")] in ARRAYS:
         setattr(rec, ext[: -len(".npy")], load_npy(data))
     elif ext.startswith("img_"):
         rec.images.append(data)
@@ -296,8 +225,7 @@ def _group(
     empty = np.zeros(0, dtype=np.int32)
     index, key, current = -1, None, None
     for name, handle, size in members:
-        base = name.rsplit("/", 1)[-1]
-        k, _, ext = base.partition(".")
+        k, ext = split_member(name)
         if k != key:
             if current is not None:
                 yield index, current
@@ -323,13 +251,3 @@ def read_records(path: Path) -> Iterator[Record]:
     """The records of a shard, in order (plain tarfile: no webdataset needed)."""
     for _, rec in iter_records(path):
         yield rec
-
-
-def supervised_targets(labels: np.ndarray, lengths: np.ndarray) -> int:
-    """Supervised next-token targets of a packed record: labels != -100 except at each sub-sample's first
-    position (no token before it in that sub-sample predicts it). Image placeholders carry -100 labels, and
-    the visual tokens they expand to are never supervised, so the count is the same expanded or not."""
-    mask = np.asarray(labels) != IGNORE_ID
-    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))[np.asarray(lengths) > 0]
-    mask[starts] = False
-    return int(mask.sum())
