@@ -108,7 +108,7 @@ def fetch(
         ray=ray,
     )
     if isinstance(base, Path):  # a URL list not there yet comes from its registry source first
-        from ..fetch.engine import url_datasets, url_spec
+        from ..fetch.api import url_datasets, url_spec
 
         wanted = [url_spec(registry, n) for n in names] if names else url_datasets(registry)
         for name in ensure_url_lists(wanted, base):
