@@ -1,11 +1,13 @@
-"""Shared fixtures: the demo corpus (built once per session) and a CLI runner."""
+"""Shared fixtures: the demo corpus (built once per session), a CLI runner (a real process) and `call`
+(a program's entry point in this process, for the bad-input checks: each CLI keeps one real-process check
+of its error line, the rest skip the ~2-10 s of imports a process pays)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,38 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     served.mkdir()
     with serve_directory(served) as url:
         yield build_demo_corpus(base / "data", seed=0, url_root=served, base_url=url)
+
+
+def _main(prog: str) -> Callable[[], None]:
+    if prog == "ovis-data":
+        from ovis_data.cli import main
+    elif prog == "ovis-train":
+        from ovis_model.train.cli import main
+    else:
+        from ovis_model.chat_cli import main
+    return main
+
+
+def call(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, prog: str, *args: str
+) -> tuple[int, str, str]:
+    """`prog args` in this process, as its console script runs it: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [prog, *args])
+    monkeypatch.delenv("OVIS_DATA_ROOT", raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        _main(prog)()
+    out, err = capsys.readouterr()
+    return int(done.value.code or 0), out, err
+
+
+def one_line_error(result: tuple[int, str, str], *named: str) -> str:
+    """Exit status 2 and one `error: ...` line on stderr naming each of `named`, no traceback."""
+    code, out, err = result
+    lines = err.strip().splitlines()
+    assert code == 2, (code, out, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out + err
+    for needle in named:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

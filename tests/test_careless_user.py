@@ -15,50 +15,16 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import call, one_line_error
 from PIL import Image
 
 from ovis_data.pack.tokenize import bundled_qwen_tokenizer_dir
 from ovis_data.registry import load_registry
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _main(prog: str) -> Callable[[], None]:
-    if prog == "ovis-data":
-        from ovis_data.cli import main
-    elif prog == "ovis-train":
-        from ovis_model.train.cli import main
-    else:
-        from ovis_model.chat_cli import main
-    return main
-
-
-def call(
-    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, prog: str, *args: str
-) -> tuple[int, str, str]:
-    """`prog args` in this process, as its console script runs it: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [prog, *args])
-    monkeypatch.delenv("OVIS_DATA_ROOT", raising=False)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        _main(prog)()
-    out, err = capsys.readouterr()
-    return int(done.value.code or 0), out, err
-
-
-def one_line_error(result: tuple[int, str, str], *named: str) -> str:
-    code, out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2, (code, out, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in out + err
-    for needle in named:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def tree(path: Path) -> list[str]:
@@ -160,25 +126,6 @@ def test_tables_in_a_pipe_never_cut_a_name(
     names = [line.split("│")[1].strip() for line in out.splitlines() if line.startswith("│")]
     assert names == [n for n, s in load_registry().items() if s.stage == 2]
     assert re.search(r"│ llava-pretrain-558k .*missing_image: 1", out), out
-
-
-def test_own_datasets_doc_quotes_the_report_validate_writes(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    doc = (REPO / "docs" / "own-datasets.md").read_text()
-    quoted = [json.loads(line) for line in doc.splitlines() if line.startswith('{"dataset": ')]
-    assert len(quoted) == 2
-    work = tmp_path / "mine"
-    shutil.copytree(
-        REPO / "docs" / "examples" / "own-datasets", work, ignore=shutil.ignore_patterns("catalogs")
-    )
-    monkeypatch.chdir(work)
-    code, _, err = call(
-        capsys, monkeypatch, "ovis-data", "validate", "--recipe", "my_recipe.toml", "--dataset-info",
-        "my_info.json", "--root", "data", "--report", "bad.json", "--processes", "1",
-    )  # fmt: skip
-    assert code == 1, err
-    assert json.loads((work / "bad.json").read_text())["bad_samples"] == quoted
 
 
 def test_pack_counts_an_unchecked_bomb_instead_of_printing_pillows_warning(

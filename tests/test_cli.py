@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cli
+from conftest import call, one_line_error, run_cli
 
 from ovis_data.registry import load_registry
 
@@ -68,21 +68,28 @@ def test_validate_exit_codes_and_report(demo_root: Path, tmp_path: Path):
     assert "missing_image" in bad.stdout
 
 
-def test_validate_usage_errors_exit_2(demo_root: Path, tmp_path: Path):
-    unknown = run_cli("validate", "coyo-11m", "--root", str(demo_root))
-    assert unknown.returncode == 2 and "coyo-11m" in unknown.stderr
-    no_root = run_cli("validate", "--root", str(tmp_path / "missing"))
-    assert no_root.returncode == 2 and "does not exist" in no_root.stderr
+def test_validate_usage_errors_exit_2(
+    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    # in this process (the real process's error line: test_errors_are_one_plain_line_naming_the_path)
+    code, _, err = call(capsys, monkeypatch, "ovis-data", "validate", "coyo-11m", "--root", str(demo_root))
+    assert code == 2 and "coyo-11m" in err
+    code, _, err = call(capsys, monkeypatch, "ovis-data", "validate", "--root", str(tmp_path / "missing"))
+    assert code == 2 and "does not exist" in err
     root = tmp_path / "root"
     shutil.copytree(demo_root / "meta_files", root / "meta_files")
     meta = root / "meta_files" / "geo-177k.json"
     meta.write_text('[\n  {"id": "x", "conversations": [\n    {"from": "human" "value": "hi"}]}\n]')
-    broken = run_cli("validate", "geo-177k", "--root", str(root), "--report", str(tmp_path / "r.json"))
-    assert broken.returncode == 1, broken.stdout + broken.stderr  # reported for its dataset, not a crash
+    code, out, err = call(
+        capsys, monkeypatch, "ovis-data", "validate", "geo-177k", "--root", str(root), "--report",
+        str(tmp_path / "r.json"),
+    )  # fmt: skip
+    assert code == 1, out + err  # reported for its dataset, not a crash
     error = json.loads((tmp_path / "r.json").read_text())["datasets"]["geo-177k"]["error"]
     assert error.startswith("meta_file_malformed: ") and "geo-177k.json" in error and "line 3 column" in error
-    assert "meta_file_malformed" in broken.stdout
-    assert run_cli("validate", "--stage", "5", "--root", str(root)).returncode == 2  # as pack --stage 4
+    assert "meta_file_malformed" in out
+    code, _, _ = call(capsys, monkeypatch, "ovis-data", "validate", "--stage", "5", "--root", str(root))
+    assert code == 2  # as pack --stage 4
 
 
 def test_root_from_environment_and_own_dataset_info(tmp_path: Path):
@@ -133,9 +140,12 @@ def test_demo_runs_end_to_end(tmp_path: Path):
     assert "Its answer about" in out.stdout
 
 
-def test_errors_are_one_plain_line_naming_the_path(tmp_path: Path):
-    """Each mistake a new user makes: exit 2, one line on stderr that names the path, no traceback.
-    The processes run side by side (each pays ~1-3 s of imports)."""
+def test_errors_are_one_plain_line_naming_the_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """Each mistake a new user makes: exit 2, one line on stderr that names the path, no traceback. One
+    real process per program proves the line a user sees (the two run side by side); the other mistakes go
+    through the same entry points in this process."""
     root = tmp_path / "root"  # a data root, not a packed shard or a model
     (root / "meta_files").mkdir(parents=True)
     (tmp_path / "empty_tok").mkdir()
@@ -143,30 +153,33 @@ def test_errors_are_one_plain_line_naming_the_path(tmp_path: Path):
     llm.mkdir()
     (llm / "config.json").write_text('{"model_type": "qwen2"}')
     readme = str(Path(__file__).parents[1] / "README.md")
-    data = ["-m", "ovis_data"]
-    chat = ["-c", "from ovis_model.chat_cli import main; main()"]
-    pack = [*data, "pack", "--stage", "1", "--root", str(root), "--out", str(tmp_path / "o")]
-    cases = [  # (argv after python, what stderr must name)
-        ([*data, "inspect", readme], readme),
-        ([*data, "inspect", str(root)], str(root)),
-        ([*pack, "--tokenizer", "/nonexistent/tok"], "/nonexistent/tok"),
-        ([*pack, "--tokenizer", str(tmp_path / "empty_tok")], str(tmp_path / "empty_tok")),
-        ([*chat, str(root), "hi"], str(root)),
-        ([*chat, str(llm), "hi"], str(llm)),
-        ([*chat, str(llm), "-i", readme, "hi"], readme),
-        ([*data, "validate", "--root", str(tmp_path / "missing")], str(tmp_path / "missing")),
-        ([*data, "validate", "coyo-11m", "--root", str(root)], "coyo-11m"),
-        ([*data, "pack", "--stage", "x"], "--stage"),
-    ]
+    pack = ["pack", "--stage", "1", "--root", str(root), "--out", str(tmp_path / "o")]
     env = {k: v for k, v in os.environ.items() if k != "OVIS_DATA_ROOT"}
     env["HF_HUB_OFFLINE"] = "1"  # the nonexistent tokenizer must not be looked up on the network
+    in_processes = [  # (argv after python, what stderr must name)
+        (["-m", "ovis_data", *pack, "--tokenizer", "/nonexistent/tok"], "/nonexistent/tok"),
+        (["-c", "from ovis_model.chat_cli import main; main()", str(llm), "hi"], str(llm)),
+    ]
     procs = [
         subprocess.Popen(
             [sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
-        for argv, _ in cases
+        for argv, _ in in_processes
     ]
-    for (argv, named), proc in zip(cases, procs, strict=True):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    in_this_process = [  # (program, arguments, what the line must name)
+        ("ovis-data", ["inspect", readme], readme),
+        ("ovis-data", ["inspect", str(root)], str(root)),
+        ("ovis-data", [*pack, "--tokenizer", str(tmp_path / "empty_tok")], str(tmp_path / "empty_tok")),
+        ("ovis-chat", [str(root), "hi"], str(root)),
+        ("ovis-chat", [str(llm), "-i", readme, "hi"], readme),
+        ("ovis-data", ["validate", "--root", str(tmp_path / "missing")], str(tmp_path / "missing")),
+        ("ovis-data", ["validate", "coyo-11m", "--root", str(root)], "coyo-11m"),
+        ("ovis-data", ["pack", "--stage", "x"], "--stage"),
+    ]
+    for prog, args, named in in_this_process:
+        one_line_error(call(capsys, monkeypatch, prog, *args), named)
+    for (argv, named), proc in zip(in_processes, procs, strict=True):
         out, err = proc.communicate(timeout=300)
         lines = err.strip().splitlines()
         assert proc.returncode == 2, (argv, out, err)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import call, run_cli
 
 from ovis_data.imagestore import ImageStore
 
@@ -60,13 +60,21 @@ def test_fetch_cli_fills_the_store_that_validate_reads(
     assert validate_counts(root, tmp_path / "catalogs") == reference_counts
 
 
-def test_fetch_cli_usage_errors(tmp_path: Path) -> None:
+def test_fetch_cli_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first two in this process (ovis-data's error line in a real process: test_cli and below)
     (tmp_path / "meta_files").mkdir()
-    out = run_cli("fetch", "llava-pretrain-558k", "--root", str(tmp_path))
-    assert out.returncode == 2 and "no URL source" in out.stderr
-    out = run_cli("fetch", "coyo-10m", "--root", str(tmp_path), "--part", "3/2")
-    assert out.returncode == 2 and "--part" in out.stderr
-    # the list is first asked of its source on the Hub: offline, that fails at once (no network here)
+    code, _, err = call(
+        capsys, monkeypatch, "ovis-data", "fetch", "llava-pretrain-558k", "--root", str(tmp_path)
+    )
+    assert code == 2 and "no URL source" in err
+    code, _, err = call(
+        capsys, monkeypatch, "ovis-data", "fetch", "coyo-10m", "--root", str(tmp_path), "--part", "3/2"
+    )
+    assert code == 2 and "--part" in err
+    # the list is first asked of its source on the Hub: offline, that fails at once (no network here). A
+    # real process: huggingface_hub reads HF_HUB_OFFLINE when it is imported
     out = run_cli("fetch", "coyo-10m", "--root", str(tmp_path), env={"HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and "URL list not found" in out.stderr
 

@@ -1,6 +1,7 @@
 """docs/own-datasets.md as a user runs it: the example's dataset_info.json, meta files, images and recipe
-(docs/examples/own-datasets/), registered, listed, validated, packed and trained, each command a real
-process. Only the tiny model's geometry and CPU-sized training settings are added to the documented
+(docs/examples/own-datasets/), registered, listed, validated, packed and trained: `ovis-train` a real
+process, the `ovis-data` commands through their entry point in this process (test_cli runs that one as a
+process). Only the tiny model's geometry and CPU-sized training settings are added to the documented
 commands (a tiny Ovis stands in for RUN/stage3/model; its tokenizer is a 600-token BPE with Llama 3's
 special tokens, as in test_train.py).
 """
@@ -15,7 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import run_cli
+import pytest
+from conftest import call
 from test_templates_tokenizers import llama3_tokenizer, save
 
 from ovis_model.modeling import Ovis
@@ -35,7 +37,9 @@ def _train_env() -> dict:
     return env
 
 
-def test_own_datasets_register_validate_pack_train(tmp_path: Path) -> None:
+def test_own_datasets_register_validate_pack_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     work = tmp_path / "mine"
     shutil.copytree(EXAMPLE, work, ignore=shutil.ignore_patterns("catalogs", "packed", "run", "bad.json"))
     # the model the example fine-tunes (RUN/stage3/model in the docs), with its tokenizer
@@ -44,25 +48,34 @@ def test_own_datasets_register_validate_pack_train(tmp_path: Path) -> None:
     model = tmp_path / "stage3-model"
     Ovis.from_parts(llm=llm, vit=vit, visual_vocab_size=64).save_pretrained(model)
 
-    listed = run_cli("list", *MINE, "--root", "data", env={"COLUMNS": "200"}, cwd=work)
-    assert listed.returncode == 0, listed.stdout + listed.stderr
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = call(capsys, monkeypatch, "ovis-data", "list", *MINE, "--root", "data")
+    assert code == 0, out + err
     for needle in ("my-charts-qa", "my-photo-captions", "4: packs into OUT/stage4", "zero3.json (shipped)"):
-        assert needle in listed.stdout, listed.stdout
+        assert needle in out, out
 
-    validated = run_cli("validate", *MINE, "--root", "data", "--report", "bad.json", cwd=work)
-    assert validated.returncode == 1, validated.stdout + validated.stderr  # 1: bad samples, catalogs written
+    code, out, err = call(
+        capsys, monkeypatch, "ovis-data", "validate", *MINE, "--root", "data", "--report", "bad.json"
+    )
+    assert code == 1, out + err  # 1: bad samples, catalogs written
     report = json.loads((work / "bad.json").read_text())
     assert {(b["dataset"], b["row"], b["id"], b["reason"]) for b in report["bad_samples"]} == {
         ("my-charts-qa", 12, "chart-013", "missing_image"),
         ("my-photo-captions", 12, "photo-013", "empty_caption"),
     }
+    # the doc quotes the report validate writes, line for line
+    doc = (REPO / "docs" / "own-datasets.md").read_text()
+    quoted = [json.loads(line) for line in doc.splitlines() if line.startswith('{"dataset": ')]
+    assert len(quoted) == 2 and report["bad_samples"] == quoted
     assert (work / "data" / "catalogs" / "my-charts-qa.parquet").is_file()
 
     tiny = ["--visual-tokens", "6", "--image-size", "28", "--max-length", "256", "--processes", "1"]
-    packed = run_cli(
-        "pack", *MINE, "--root", "data", "--tokenizer", str(model), "--out", "packed", *tiny, cwd=work
-    )
-    assert packed.returncode == 0, packed.stdout + packed.stderr
+    code, out, err = call(
+        capsys, monkeypatch, "ovis-data", "pack", *MINE, "--root", "data", "--tokenizer", str(model),
+        "--out", "packed", *tiny,
+    )  # fmt: skip
+    assert code == 0, out + err
     manifest = json.loads((work / "packed" / "stage4" / "manifest.json").read_text())
     assert manifest["stage"] == 4 and manifest["recipe"] == "my_recipe.toml"
     assert {n: d["packed"] for n, d in manifest["datasets"].items()} == {

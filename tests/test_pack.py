@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from conftest import call
 from PIL import Image
 from test_templates import by_hand_caption, by_hand_chat
 from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenizer, save
@@ -149,8 +150,15 @@ def test_shard_bytes_are_those_tarfile_writes(qwen_stage3: Path):
 
 
 @pytest.mark.parametrize(
-    ("mode", "size"), [("RGB", (336, 200)), ("RGB", (200, 336)), ("L", (336, 100)), ("CMYK", (336, 90)),
-                       ("RGB", (500, 300)), ("RGB", (336, 336))],  # fmt: skip
+    ("mode", "size"),
+    [
+        ("RGB", (336, 200)),
+        ("RGB", (200, 336)),
+        ("L", (336, 100)),
+        ("CMYK", (336, 90)),
+        ("RGB", (500, 300)),
+        ("RGB", (336, 336)),
+    ],  # fmt: skip
 )
 def test_resize_for_vit_reads_headers_as_pil_does(mode: str, size: tuple[int, int], monkeypatch):
     """The simplejpeg header path passes through exactly the JPEGs PIL's path passes through."""
@@ -334,7 +342,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_pack_and_inspect(qwen_stage3: Path, root: Path, tmp_path: Path):
+def test_cli_pack_and_inspect(
+    qwen_stage3: Path,
+    root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """pack as a real process; inspect and a bad --tokenizer through the same entry point in this process
+    (its output not a terminal, as in a pipe)."""
     r = _cli(
         "pack",
         "--stage",
@@ -357,9 +373,9 @@ def test_cli_pack_and_inspect(qwen_stage3: Path, root: Path, tmp_path: Path):
     manifest = json.loads((tmp_path / "stage2" / "manifest.json").read_text())
     assert (manifest["visual_tokens_per_image"], manifest["image_size"]) == (6, 28)
     shard = sorted(qwen_stage3.glob("*.tar"))[0]
-    r = _cli("inspect", str(shard), "--record", "1", "--json")
-    assert r.returncode == 0, r.stderr
-    view = json.loads(r.stdout)
+    code, out, err = call(capsys, monkeypatch, "ovis-data", "inspect", str(shard), "--record", "1", "--json")
+    assert code == 0, err
+    view = json.loads(out)
     rec = list(read_records(shard))[1]
     assert [s["id"] for s in view["samples"]] == [s["id"] for s in rec.meta["samples"]]
     tok = qwen_tokenizer()
@@ -367,22 +383,15 @@ def test_cli_pack_and_inspect(qwen_stage3: Path, root: Path, tmp_path: Path):
         supervised = "".join(g["text"] for g in s["segments"] if g.get("supervised"))
         assert supervised == tok.decode(ids[labels != -100])
         assert sum("image" in g for g in s["segments"]) == int((ids == -200).sum())
-    r = _cli("inspect", str(shard), "--record", "1")
-    assert r.returncode == 0 and "IMAGE 0" in r.stdout and view["samples"][0]["dataset"] in r.stdout
+    code, out, _ = call(capsys, monkeypatch, "ovis-data", "inspect", str(shard), "--record", "1")
+    assert code == 0 and "IMAGE 0" in out and view["samples"][0]["dataset"] in out
     first = next(g["text"] for g in view["samples"][0]["segments"] if g.get("supervised"))
-    assert f"[[{first[:20]}" in r.stdout  # piped, no colour: supervised text marked in plain text
-    r = _cli(
-        "pack",
-        "--stage",
-        "3",
-        "--root",
-        str(root),
-        "--tokenizer",
-        str(tmp_path / "nope"),
-        "--out",
-        str(tmp_path),
-    )
-    assert r.returncode == 2 and "nope" in r.stderr
+    assert f"[[{first[:20]}" in out  # piped, no colour: supervised text marked in plain text
+    code, _, err = call(
+        capsys, monkeypatch, "ovis-data", "pack", "--stage", "3", "--root", str(root), "--tokenizer",
+        str(tmp_path / "nope"), "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 2 and "nope" in err
 
 
 def _set_recipe_keys(recipe: Path, **values) -> Path:

@@ -21,6 +21,7 @@ from ovis_data.imagestore import ImageStore, load_index  # noqa: E402
 from ovis_data.registry import load_registry  # noqa: E402
 
 NET = NetParams(allow_private=True)
+OPTS = FetchOptions(layout="shards", shard_size=16, processes=1, net=NET)  # 10 shards of the 160 rows
 
 
 @pytest.fixture(scope="module")
@@ -54,23 +55,23 @@ def _counts(report) -> dict:
     return {k: r[k] for k in ("dataset", "total", "success", "failed", "layout", "shards", "this_run")}
 
 
-def test_fetch_on_ray_gives_the_local_runs_images_and_report(cluster: Cluster, corpus: Path, tmp_path: Path):
-    opts = FetchOptions(layout="shards", shard_size=32, processes=1, net=NET)
-    local = _root(corpus, tmp_path / "local")
-    (want,) = fetch_datasets(["coyo-10m"], local, opts, load_registry())
-    on_ray = _root(corpus, tmp_path / "ray")
-    (got,) = fetch_datasets(["coyo-10m"], on_ray, FetchOptions(**{**vars(opts), "ray": cluster.address}))
-    assert _counts(got) == _counts(want) and got.failed == {"http_404": 3} and got.shards["total"] == 5
-    image_dir = "images/coyo_10m"
-    assert _images(on_ray / image_dir) == _images(local / image_dir)
-    # a re-run (as after the driver was killed) resumes from the done-markers: nothing left to do
-    (again,) = fetch_datasets(["coyo-10m"], on_ray, FetchOptions(**{**vars(opts), "ray": cluster.address}))
-    assert again.this_run["attempted"] == 0 and again.success == got.success
+@pytest.fixture(scope="module")
+def local_fetch(corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """coyo-10m fetched by the local engine (read-only): the reference for the Ray run and the images that
+    validate and pack read."""
+    root = _root(corpus, tmp_path_factory.mktemp("fetched") / "local")
+    (report,) = fetch_datasets(["coyo-10m"], root, OPTS, load_registry())
+    return root, report
 
 
-def test_a_worker_node_lost_mid_fetch_costs_no_row(cluster: Cluster, corpus: Path, tmp_path: Path):
+def test_fetch_on_ray_losing_a_worker_node_gives_the_local_runs_images_and_report(
+    cluster: Cluster, corpus: Path, local_fetch, tmp_path: Path
+):
+    """A worker node removed mid-run (its processes die with their shards unfinished): no row lost, and the
+    images and report are those of the local engine."""
+    local, want = local_fetch
     root = _root(corpus, tmp_path / "ray")
-    opts = FetchOptions(layout="shards", shard_size=16, processes=1, net=NET, ray=cluster.address)
+    opts = FetchOptions(**{**vars(OPTS), "ray": cluster.address})
     result: list = []
     run = threading.Thread(target=lambda: result.extend(fetch_datasets(["coyo-10m"], root, opts)))
     run.start()
@@ -84,23 +85,35 @@ def test_a_worker_node_lost_mid_fetch_costs_no_row(cluster: Cluster, corpus: Pat
     cluster.add_node(num_cpus=1)
     run.join(timeout=240)
     assert not run.is_alive() and result
-    (report,) = result
-    assert done_at_kill < report.shards["total"] == 10  # the node died mid-run
-    assert report.success + sum(report.failed.values()) == report.total == 160
-    assert report.failed == {"http_404": 3} and report.shards["unfinished"] == 0
-    assert len(load_index(image_dir)) == report.success
+    (got,) = result
+    assert done_at_kill < got.shards["total"] == 10  # the node died mid-run
+    assert got.success + sum(got.failed.values()) == got.total == 160
+    assert got.failed == {"http_404": 3} and got.shards["unfinished"] == 0
+    assert len(load_index(image_dir)) == got.success
+    # the local run's report: a shard whose task died is redone whole by its retry (one that had finished
+    # just before counts as done before it); the local run did every shard once
+    same = ("dataset", "total", "success", "failed", "layout")
+    assert {k: _counts(got)[k] for k in same} == {k: _counts(want)[k] for k in same}
+    assert got.shards["done_before"] + got.shards["done_now"] == want.shards["done_now"] == 10
+    assert got.this_run["attempted"] == 16 * got.shards["done_now"]
+    assert got.this_run["success"] + got.this_run["failed"] == got.this_run["attempted"]
+    assert want.this_run == {"attempted": 160, "success": 157, "failed": 3}
+    image_dir_name = "images/coyo_10m"
+    assert _images(root / image_dir_name) == _images(local / image_dir_name)
+    # a re-run (as after the driver was killed) resumes from the done-markers: nothing left to do
+    (again,) = fetch_datasets(["coyo-10m"], root, opts)
+    assert again.this_run["attempted"] == 0 and again.success == got.success
 
 
-def test_validate_and_pack_on_ray_match_a_local_run(cluster: Cluster, corpus: Path, tmp_path: Path):
+def test_validate_and_pack_on_ray_match_a_local_run(cluster: Cluster, local_fetch, tmp_path: Path):
     from test_pack import _recipe
     from test_templates_tokenizers import qwen_path
 
     from ovis_data.pack.stage import pack_stage
     from ovis_data.validate.dataset import validate_dataset
 
-    root = _root(corpus, tmp_path / "data")
-    opts = FetchOptions(layout="shards", shard_size=64, processes=1, net=NET)
-    fetch_datasets(["coyo-10m"], root, opts, load_registry())
+    root = tmp_path / "data"
+    shutil.copytree(local_fetch[0], root)  # validate and pack write catalogs into it
     spec = load_registry()["coyo-10m"]
     checked = validate_dataset(spec, root, "deep", catalog_out=tmp_path / "cat", ray=cluster.address)
     want = validate_dataset(spec, root, "deep", processes=1)  # the catalog pack reads

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import call, one_line_error
 from safetensors.torch import load_file
 from test_templates_tokenizers import llama3_tokenizer, save
 
@@ -105,17 +106,29 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
-def test_stages_chain_with_the_recipes_freezing(
-    packed: Path, parts: tuple[Path, Path], tmp_path: Path
-) -> None:
+STAGE1_STEPS = 9  # stage 1's data is 8 steps an epoch, so the run crosses into a second one
+
+
+@pytest.fixture(scope="module")
+def stage1_run(packed: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted stage-1 run (read-only): the chain's first stage and the SIGTERM test's reference
+    (the cosine schedule's length is --max-steps, so both use the same)."""
     llm_dir, vit_dir = parts
-    run = tmp_path / "run"
-    # 9 steps: stage 1's data is 8 steps an epoch, so the run crosses into a second one
+    run = tmp_path_factory.mktemp("stage1_run") / "run"
     p1 = ovis_train("--stage", "1", "--data", str(packed), "--out", str(run), "--llm", str(llm_dir),
-                    "--vit", str(vit_dir), "--max-steps", "9", *FAST)  # fmt: skip
+                    "--vit", str(vit_dir), "--max-steps", str(STAGE1_STEPS), *FAST)  # fmt: skip
     assert p1.returncode == 0, p1.stdout[-3000:] + p1.stderr[-3000:]
     assert "freeze llm" in p1.stdout and "train  vte" in p1.stdout
     assert "Setting accelerator" not in p1.stderr  # DeepSpeed's notice: our start line names the device
+    return run
+
+
+def test_stages_chain_with_the_recipes_freezing(
+    stage1_run: Path, packed: Path, parts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    llm_dir, vit_dir = parts
+    run = tmp_path / "run"
+    shutil.copytree(stage1_run / "stage1", run / "stage1")  # stages 2 and 3 write beside it
     for stage in (2, 3):
         p = ovis_train(
             "--stage", str(stage), "--data", str(packed), "--out", str(run), "--max-steps", "3", *FAST
@@ -164,13 +177,22 @@ def test_stages_chain_with_the_recipes_freezing(
     assert model.text_tokenizer is not None and model.num_visual_tokens == 6
 
 
-def test_resume_after_sigterm_is_exact(packed: Path, parts: tuple[Path, Path], tmp_path: Path) -> None:
+def test_resume_after_sigterm_is_exact(
+    stage1_run: Path,
+    packed: Path,
+    parts: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopped by SIGTERM early in the first epoch and resumed past the epoch's end: the same losses, bit
+    for bit, as the uninterrupted run of the same arguments (the chain's stage 1; checkpoint intervals do
+    not change training)."""
     llm_dir, vit_dir = parts
     common = ["--stage", "1", "--data", str(packed), "--llm", str(llm_dir), "--vit", str(vit_dir),
-              "--max-steps", "6", "--set", "train.save_every=100", *FAST]  # fmt: skip
-    straight = ovis_train(*common, "--out", str(tmp_path / "a"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    expected = _losses(tmp_path / "a" / "stage1")
+              "--max-steps", str(STAGE1_STEPS), "--set", "train.save_every=100", *FAST]  # fmt: skip
+    expected = _losses(stage1_run / "stage1")
+    assert sorted(expected) == list(range(1, STAGE1_STEPS + 1))
 
     out_b = tmp_path / "b"
     cmd = [sys.executable, "-m", "ovis_model.train", *common, "--out", str(out_b)]
@@ -191,11 +213,13 @@ def test_resume_after_sigterm_is_exact(packed: Path, parts: tuple[Path, Path], t
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
     stopped_at = max(_losses(out_b / "stage1"))
-    assert stopped_at < 6, "the run finished before SIGTERM arrived"
+    assert stopped_at < STAGE1_STEPS, "the run finished before SIGTERM arrived"
     assert (out_b / "stage1" / "checkpoints" / "latest").read_text().strip() == f"step{stopped_at}"
 
-    again = ovis_train(*common, "--out", str(out_b))  # without --resume: refused, nothing overwritten
-    assert again.returncode == 2 and "--resume" in again.stderr
+    # without --resume: refused, nothing overwritten (in this process: no DeepSpeed import to pay)
+    code, _, err = call(capsys, monkeypatch, "ovis-train", *common, "--out", str(out_b))
+    assert code == 2 and "--resume" in err
+    assert max(_losses(out_b / "stage1")) == stopped_at
     resumed = ovis_train(*common, "--out", str(out_b), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = _losses(out_b / "stage1")
@@ -234,20 +258,30 @@ def _one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def test_bad_inputs_are_refused_before_compute(
-    packed: Path, parts: tuple[Path, Path], tmp_path: Path
+    packed: Path,
+    parts: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The first mistake in a real process (the line a user sees), the others through the same entry point
+    in this process: each is refused before anything is loaded, so none starts DeepSpeed here."""
     llm_dir, vit_dir = parts
     base = ["--llm", str(llm_dir), "--vit", str(vit_dir), *FAST]
     missing = tmp_path / "nowhere"
     _one_line_error(
         ovis_train("--stage", "1", "--data", str(missing), "--out", str(tmp_path), *base), str(missing)
     )
-    _one_line_error(
-        ovis_train("--stage", "2", "--data", str(packed), "--out", str(tmp_path / "fresh"), *FAST),
+
+    def train_here(*args: str) -> tuple[int, str, str]:
+        return call(capsys, monkeypatch, "ovis-train", *args)
+
+    one_line_error(
+        train_here("--stage", "2", "--data", str(packed), "--out", str(tmp_path / "fresh"), *FAST),
         str(tmp_path / "fresh" / "stage1" / "model"),
     )
-    _one_line_error(
-        ovis_train(
+    one_line_error(
+        train_here(
             "--stage",
             "1",
             "--data",
@@ -261,8 +295,8 @@ def test_bad_inputs_are_refused_before_compute(
         "stage1.toml",
         "vision_tower",
     )
-    _one_line_error(
-        ovis_train(
+    one_line_error(
+        train_here(
             "--stage", "1", "--data", str(packed), "--out", str(tmp_path), *base, "--set", "train.lrr=1"
         ),
         "train.lrr",
@@ -273,8 +307,8 @@ def test_bad_inputs_are_refused_before_compute(
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["visual_tokens_per_image"] = 10
     (other / "manifest.json").write_text(json.dumps(manifest))
-    _one_line_error(
-        ovis_train("--stage", "1", "--data", str(other), "--out", str(tmp_path), *base),
+    one_line_error(
+        train_here("--stage", "1", "--data", str(other), "--out", str(tmp_path), *base),
         str(other / "manifest.json"),
         "visual tokens per image 10",
         "the model has 6",

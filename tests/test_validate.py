@@ -13,7 +13,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli
+from conftest import call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -387,21 +387,24 @@ def test_an_unusable_meta_file_is_reported_for_its_dataset_only(
     assert lines.error is None and lines.good == 4 and read_catalog(root, "lines").num_rows == 4
 
 
-def test_validate_goes_on_past_a_broken_meta_file_and_exits_1(tmp_path: Path):
+def test_validate_goes_on_past_a_broken_meta_file_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
     root, info = make_root(tmp_path)
     write_meta(root)
     (root / "meta_files" / "conv.json").write_text("[{]")
     report = tmp_path / "r.json"
     args = ["validate", "conv", "lines", "--root", str(root), "--dataset-info", str(info), "--meta-only"]
-    out = run_cli(*args, "--report", str(report))
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "Traceback" not in out.stderr
+    code, out, err = call(capsys, monkeypatch, "ovis-data", *args, "--report", str(report))  # in this process
+    assert code == 1, out + err
+    assert "Traceback" not in err
     data = json.loads(report.read_text())
     assert data["datasets"]["conv"]["error"].startswith("meta_file_malformed: ")
     assert "line 1 column 3" in data["datasets"]["conv"]["error"]
     assert data["datasets"]["lines"]["good"] == 4 and read_catalog(root, "lines").num_rows == 4
     assert not (root / "catalogs" / "conv.parquet").exists()
-    assert run_cli(*args[:3], "--stage", "5", *args[3:]).returncode == 2  # a stage that does not exist
+    stage5 = call(capsys, monkeypatch, "ovis-data", *args[:3], "--stage", "5", *args[3:])
+    assert stage5[0] == 2  # a stage that does not exist
 
 
 def test_samples_that_are_not_objects_are_bad_samples(tmp_path: Path):
