@@ -133,7 +133,9 @@ def test_two_runs_one_folder_sigkill_and_resume(
     stale DeepSpeed build lock, and metrics.jsonl has one record per step."""
     out = tmp_path / "run"
     stage = out / "stage1"
-    common = _common(packed1, parts, 40)
+    # far more steps than it will live: the first run must still hold the folder when the second starts,
+    # however slow the machine (it is killed below)
+    common = _common(packed1, parts, 100_000)
     cmd = [sys.executable, "-m", "ovis_model.train", *common, "--out", str(out)]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=REPO)
     watched: set[int] = set()
@@ -304,6 +306,7 @@ def test_bad_starts_are_one_line_before_compute(
     typo = tmp_path / "typo"
     _error_line(ovis_train(*_common(packed1, parts, 2), "--out", str(typo), "--resume"), 2,
                 str(typo / "stage1" / "checkpoints"))  # fmt: skip
+    assert not typo.exists()  # a refused run leaves no folder (nor its lock) behind
     # a shard missing, a shard truncated: refused before any compute, naming it
     data = tmp_path / "data" / "stage1"
     shutil.copytree(packed1 / "stage1", data)

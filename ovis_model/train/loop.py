@@ -45,8 +45,18 @@ class DataLossError(TrainError):
 def train(args: RunArgs, say=print) -> dict:  # noqa: ANN001 - say: print-like
     """Train one stage as `args` and its recipe say; returns the run's summary (also in RUN/stageN)."""
     prep = prepare(args)  # recipe, data, starting model: checked, nothing loaded (TrainError: exit 2)
+    lock = lock_run(prep.run_dir, say)  # one run per stage folder (rank 0 holds it), before any compute
+    try:
+        return _run(prep, args, lock, say)
+    except BaseException:
+        if lock is not None:
+            lock.abandon()  # refused before it wrote anything: no run folder left behind
+        raise
+
+
+def _run(prep, args: RunArgs, lock, say) -> dict:  # noqa: ANN001
+    """The run proper, its folder locked."""
     cfg, run_dir = prep.cfg, prep.run_dir
-    lock = lock_run(run_dir, say)  # one run per stage folder (rank 0 holds it), before any compute
     rank, world, device = init_distributed()
     main = rank == 0
     bf16 = bool(cfg.train["bf16"]) and device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -24,9 +24,11 @@ class RunLock:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / LOCK_NAME
         self._fd: int | None = None
+        self._made: list[Path] = []  # folders this lock created (run_dir and missing parents), deepest first
 
     def acquire(self, say: Callable[[str], None] = print) -> None:
         """Take the lock or raise RunLockedError naming its holder; say so when taking over a stale one."""
+        self._made = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -52,3 +54,15 @@ class RunLock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
+
+    def abandon(self) -> None:
+        """A run refused before it wrote anything: release, and where this lock made the run folder and it
+        holds nothing else, remove the lock and the folders it made (a mistake leaves nothing behind)."""
+        self.release()
+        if self._made and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+            self.path.unlink(missing_ok=True)
+            for d in self._made:
+                try:
+                    d.rmdir()
+                except OSError:  # not empty (another run, or its own content): keep it
+                    break
