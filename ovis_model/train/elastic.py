@@ -46,9 +46,9 @@ def load_on_new_size(engine: Any, ckpt_dir: Path, tag: str, files: list[Path]) -
     world = dist.get_world_size()
     if stage == 3:
         raise ElasticError(
-            f"{ckpt_dir / tag}: written by {len(files)} ranks under ZeRO-3, resuming on {world}: ZeRO-3's "
+            f"{ckpt_dir / tag}: written by {len(files)} rank(s) under ZeRO-3, resuming on {world}: ZeRO-3's "
             f"partitioned parameters move to another world size only through DeepSpeed's universal "
-            f"checkpoints, which this trainer does not load; resume on {len(files)} ranks (or train with "
+            f"checkpoints, which this trainer does not load; resume on {len(files)} rank(s) (or train with "
             "zero2.json, which resumes on any number)"
         )
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False)
