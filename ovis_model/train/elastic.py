@@ -51,11 +51,18 @@ def load_on_new_size(engine: Any, ckpt_dir: Path, tag: str, files: list[Path]) -
             f"checkpoints, which this trainer does not load; resume on {len(files)} rank(s) (or train with "
             "zero2.json, which resumes on any number)"
         )
+    opt = engine.optimizer
+    if not all(hasattr(opt, a) for a in ("single_partition_of_fp32_groups", "bit16_groups_flat")):
+        raise ElasticError(
+            f"{ckpt_dir / tag}: written by {len(files)} rank(s), resuming on {world}: DeepSpeed's "
+            f"{type(opt).__name__} is not the ZeRO-1/2 optimizer whose partitions this trainer re-cuts; "
+            f"resume on {len(files)} rank(s)"
+        )
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False)
     if path is None:
         raise FileNotFoundError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     saved = [load_weights_only(f, map_location="cpu")["optimizer_state_dict"] for f in files]
-    _repartition(engine.optimizer, saved)
+    _repartition(opt, saved)
     return client_state
 
 
