@@ -189,11 +189,49 @@ def test_exact_resume_mid_epoch_two_ranks_two_workers(stage_dir: Path) -> None:
         assert expected[n:] != expected[:3]
 
 
-def test_resume_refuses_a_different_plan(stage_dir: Path) -> None:
+def test_resume_on_other_world_sizes_and_budgets_sees_each_record_once(stage_dir: Path) -> None:
+    """2 ranks take 1 micro-batch each; the epoch goes on over 3 ranks at another budget, which take 1
+    each; then over 1 rank, which finishes it: every record once, none missing (1 rank drops none)."""
+
+    def keys(loader: TrainLoader, n: int) -> list[str]:
+        batches = list(itertools.islice(loader, n))
+        assert all(b["meta"]["epoch"] == 0 for b in batches)
+        return [k for b in batches for k in b["meta"]["keys"]]
+
+    two = [_loader(stage_dir, r, workers=0) for r in (0, 1)]
+    seen = [k for loader in two for k in keys(loader, 1)]
+    state = json.loads(json.dumps(two[0].state_dict()))  # what a checkpoint stores (the same on every rank)
+    three = [_loader(stage_dir, r, world=3, workers=0, budget=120) for r in range(3)]
+    for loader in three:
+        loader.load_state_dict(state)
+        assert loader.resumed_change.startswith(
+            "elastic resume: world size 2 -> 3, micro-batch budget 200 -> 120"
+        )
+        assert loader.micro_batches_per_epoch >= 2
+    # the rest of the epoch: planned over the 3 ranks, or dropped for equal counts (counted)
+    planned = sum(loader.epoch_summary(0)["records"] for loader in three)
+    assert planned + three[0].epoch_summary(0)["dropped_records"] == _n_records(stage_dir) - len(seen)
+    for loader in three:
+        seen += keys(loader, 1)
+    one = _loader(stage_dir, 0, world=1, workers=1)
+    one.load_state_dict(three[0].state_dict())  # with the records the 2 ranks consumed, carried along
+    assert "0 record(s) dropped" in one.resumed_change
+    assert one.epoch_summary(0)["consumed_before_resume"] == len(seen)
+    seen += keys(one, one.micro_batches_per_epoch)
+    assert len(seen) == len(set(seen))  # no record twice in the epoch
+    assert len(seen) == _n_records(stage_dir)  # none missing, also none of the 3 ranks' drops
+    assert one.epoch == 1  # and the next epoch follows the plan for one rank
+
+
+def _n_records(stage_dir: Path) -> int:
+    return _loader(stage_dir, 0, world=1, workers=0).dataset.table.n_records
+
+
+def test_resume_refuses_another_seed(stage_dir: Path) -> None:
     state = _loader(stage_dir, 0).state_dict()
-    other = _loader(stage_dir, 0, world=4)
-    with pytest.raises(ValueError, match="world_size was 2 in the checkpoint, 4 now"):
-        other.load_state_dict(state)
+    state["seed"] = 4
+    with pytest.raises(ValueError, match="seed was 4 in the checkpoint, 3 now"):
+        _loader(stage_dir, 0).load_state_dict(state)
 
 
 def test_budget_below_capacity_is_refused(stage_dir: Path) -> None:

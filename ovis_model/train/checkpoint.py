@@ -93,11 +93,17 @@ def choose(ckpt_dir: Path, say: Callable[[str], None]) -> tuple[int | None, list
 
 def load(engine: Any, ckpt_dir: Path, step: int) -> dict:
     """Restore model, optimizer and scheduler from checkpoint `step` (every file loaded weights-only: a
-    file that holds code is refused, safe_load.UnsafeCheckpointError) and return the client state."""
+    file that holds code is refused, safe_load.UnsafeCheckpointError) and return the client state. A ZeRO
+    checkpoint written by another number of ranks is re-partitioned (elastic.load_on_new_size)."""
+    from .elastic import load_on_new_size, saved_ranks
     from .safe_load import make_weights_only
 
     make_weights_only(engine)
     tag = f"{TAG_PREFIX}{step}"
+    files = saved_ranks(ckpt_dir / tag)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if files and len(files) != world:
+        return load_on_new_size(engine, ckpt_dir, tag, files)
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise FileNotFoundError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")

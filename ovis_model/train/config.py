@@ -46,6 +46,7 @@ TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "keep_best": (bool, False),  # RUN/stageN/model_best: the model with the lowest val loss
     "peak_tflops": (float, 0.0),  # per device, for MFU; 0: the table of known GPUs (ovis_model.train.flops)
     "memory_check": (bool, True),  # refuse a micro-batch budget estimated not to fit (train/memory.py)
+    "log_samples": (bool, False),  # RUN/stageN/samples.jsonl: the keys of the samples each step consumed
 }
 MODEL_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "init": (str, "previous"),  # "parts" (base LLM + base ViT) or "previous" (a stage's model directory)

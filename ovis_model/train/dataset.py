@@ -89,6 +89,10 @@ class PackedStage(IterableDataset):
         self.epoch, self.start = 0, 0  # where the next iteration begins (set by TrainLoader)
         self.ring: SlotRing | None = None  # the workers' shared buffers (set by TrainLoader)
         self._plans: dict[int, RankPlan] = {}
+        # elastic resume: the records of `excluded_epoch` an earlier run (another world size or budget)
+        # consumed, left out of that epoch's plan (a bool mask over the records; set by TrainLoader)
+        self.excluded_epoch: int | None = None
+        self.excluded: np.ndarray | None = None
         self.plan(0)  # a budget below the capacity fails here, before any worker starts
 
     def plan(self, epoch: int) -> RankPlan:
@@ -102,9 +106,15 @@ class PackedStage(IterableDataset):
                     world_size=self.world_size,
                     micro_batch_tokens=self.micro_batch_tokens,
                     window=self.window,
+                    excluded=self.excluded if epoch == self.excluded_epoch else None,
                 )
             }
         return self._plans[epoch]
+
+    def exclude(self, epoch: int | None, mask: np.ndarray | None) -> None:
+        """Leave the records of `mask` out of `epoch`'s plan (None: no record left out)."""
+        self.excluded_epoch, self.excluded = epoch, mask
+        self._plans = {}
 
     def set_position(self, epoch: int, start: int) -> None:
         self.epoch, self.start = int(epoch), int(start)
@@ -251,6 +261,10 @@ class PackedStage(IterableDataset):
                 "epoch": plan.epoch,
                 "step": t,
                 "keys": [f"{r['shard']}/{r['key']}" for r in parts],
+                # each sample of each record: shard/record#sub-sample, stable across runs and world sizes
+                "sample_keys": [
+                    f"{r['shard']}/{r['key']}#{j}" for r in parts for j in range(len(r["lengths"]))
+                ],
                 "records": len(parts),
                 "samples": sum(len(r["lengths"]) for r in parts),
                 "images": n_images,

@@ -16,12 +16,14 @@ import torch
 
 from ..batching import batch_to
 from . import checkpoint, memory
+from .elastic import ElasticError
 from .evaluate import Evaluator
 from .flops import Throughput
 from .loader import TrainLoader
 from .loss import all_reduce_sum, global_supervised, loss_normalizer, next_step
 from .metrics import Metrics, drop_superseded
 from .safe_load import UnsafeCheckpointError
+from .samplelog import SampleLog
 from .setup import (
     RunArgs,
     TrainError,
@@ -72,6 +74,7 @@ def _run(prep, args: RunArgs, lock, say) -> dict:  # noqa: ANN001
         else 0
     )
     loader.on_bad = lambda event: say(_bad_shard_line(event, rank, world))
+    sample_log = SampleLog(run_dir, rank, cfg.train["log_samples"])
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         effective = {"config": json.loads(cfg.to_json()), "deepspeed": ds_config, "world_size": world}
@@ -93,6 +96,9 @@ def _run(prep, args: RunArgs, lock, say) -> dict:  # noqa: ANN001
         if step:
             say(f"  resumed from {ckpt_dir / f'{checkpoint.TAG_PREFIX}{step}'} at step {step}")
             drop_superseded(run_dir, step)  # the killed run's steps past the checkpoint are done again
+            sample_log.resumed_at(step)
+            if loader.resumed_change:
+                say(f"  {loader.resumed_change}")
     metrics = Metrics(run_dir, plan.steps, enabled=main, log_every=cfg.train["log_every"])
     metrics.event("start", {"step": step, "steps": plan.steps, "world_size": world})
     evaluator = Evaluator(prep, engine, device, bf16, rank, world, metrics, say, args.resume)
@@ -121,6 +127,7 @@ def _run(prep, args: RunArgs, lock, say) -> dict:  # noqa: ANN001
                 engine.step()  # DeepSpeed steps the optimizer on the last micro-batch of the step
                 loss_sum += out.loss_sum.detach().double()
             step += 1
+            sample_log.write(step, batches)
             local = [float(loss_sum), *(sum(mb["meta"][k] for mb in batches) for k in ("tokens", "samples"))]
             loss_total, tokens, samples = all_reduce_sum([*local], device)
             grad_norm = engine.get_global_grad_norm()
@@ -204,7 +211,7 @@ def resume_from_checkpoint(
         )
     try:
         state = checkpoint.load(engine, ckpt_dir, step)
-    except UnsafeCheckpointError as e:
+    except (UnsafeCheckpointError, ElasticError) as e:
         raise TrainError(str(e)) from e
     loader.load_state_dict(state["loader"])
     return int(state["step"])

@@ -105,11 +105,11 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def drop_superseded(run_dir: Path, step: int) -> int:
+def drop_superseded(run_dir: Path, step: int, name: str = "metrics.jsonl") -> int:
     """Before a run resumed at `step` appends: remove the records of the steps after it (the killed run's
     steps past its last checkpoint, which the resumed run does again), so that each step has one record.
     Written beside and renamed. Returns how many records were dropped."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / name
     if not path.is_file():
         return 0
     kept, dropped = [], 0

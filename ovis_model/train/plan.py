@@ -13,6 +13,10 @@ counts without opening a tar, identically on every rank:
 5. equal counts: every rank keeps the first N micro-batches, N the smallest count over ranks, and drops
    the rest of its span (counted). No rank ever waits in a collective for one that ran out.
 
+Elastic resume: `excluded` (a mask over the stage's records) removes the records an interrupted run
+already consumed in this epoch before step 2, so the rest of the epoch is planned over the new ranks
+from what is left (`consumed_mask` says which records a plan's first micro-batches hold, on every rank).
+
 Dataloader workers split a rank's micro-batches round-robin (micro-batch t goes to worker t mod W), so
 the plan, and with it the batches a rank sees, does not depend on the number of workers.
 """
@@ -113,15 +117,20 @@ def next_fit(tokens: np.ndarray, budget: int) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
-def _rank_order(
-    table: ShardTable, order: np.ndarray, seed: int, epoch: int, rank: int, world: int, window: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(flat record ids of rank's span in batching order, their positions in the span)."""
+def _epoch_sequence(table: ShardTable, order: np.ndarray, excluded: np.ndarray | None) -> np.ndarray:
+    """The epoch's records in shard order, less the `excluded` ones."""
     seq = (
         np.concatenate([np.arange(table.starts[s], table.starts[s] + table.counts[s]) for s in order])
         if len(order)
         else np.zeros(0, np.int64)
     )
+    return seq if excluded is None else seq[~excluded[seq]]
+
+
+def _rank_order(
+    seq: np.ndarray, seed: int, epoch: int, rank: int, world: int, window: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(flat record ids of rank's span in batching order, their positions in the span)."""
     per = len(seq) // world
     span = seq[rank * per : (rank + 1) * per]
     rng = np.random.default_rng([seed, epoch, rank, 0x5EED])
@@ -140,8 +149,10 @@ def epoch_plan(
     world_size: int,
     micro_batch_tokens: int,
     window: int = DEFAULT_WINDOW,
+    excluded: np.ndarray | None = None,
 ) -> RankPlan:
-    """Rank `rank`'s plan for `epoch` (see the module docstring)."""
+    """Rank `rank`'s plan for `epoch` (see the module docstring). With `excluded` (records already
+    consumed in this epoch, a bool mask), the plan may have no micro-batch: the epoch is then over."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     too_long = int(table.tokens.max()) if len(table.tokens) else 0
@@ -151,18 +162,19 @@ def epoch_plan(
             f"({too_long} tokens): raise --micro-batch-tokens to at least the stage's capacity"
         )
     order = np.random.default_rng([seed, epoch]).permutation(len(table.names)).astype(np.int64)
+    seq = _epoch_sequence(table, order, excluded)
     per_rank = []
     for r in range(world_size):
-        records, pos = _rank_order(table, order, seed, epoch, r, world_size, window)
+        records, pos = _rank_order(seq, seed, epoch, r, world_size, window)
         per_rank.append((records, pos, next_fit(table.tokens[records], micro_batch_tokens)))
     n = min(len(off) - 1 for _, _, off in per_rank)
-    if n == 0:
+    if n == 0 and excluded is None:
         raise ValueError(
             f"{table.n_records} packed records cannot give each of {world_size} ranks a micro-batch"
         )
     records, pos, offsets = per_rank[rank]
     kept = int(offsets[n])
-    dropped_tail = table.n_records - world_size * (table.n_records // world_size)
+    dropped_tail = len(seq) - world_size * (len(seq) // world_size)
     summary = {
         "epoch": epoch,
         "micro_batches": n,
@@ -171,5 +183,37 @@ def epoch_plan(
         "supervised": int(table.supervised[records[:kept]].sum()),
         "dropped_records_rank_split": dropped_tail,  # epoch total, not divisible by the world size
         "dropped_records_equal_batches": int(len(records) - kept),  # this rank's, beyond N micro-batches
+        "dropped_records": len(seq) - sum(int(off[n]) for _, _, off in per_rank),  # epoch total, all ranks
+        "consumed_before_resume": int(excluded.sum()) if excluded is not None else 0,  # elastic resume
     }
     return RankPlan(epoch, rank, order, records[:kept], pos[:kept], offsets[: n + 1], summary)
+
+
+def consumed_mask(
+    table: ShardTable,
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    micro_batch_tokens: int,
+    window: int,
+    excluded: np.ndarray | None,
+    consumed: int,
+) -> np.ndarray:
+    """The records of `epoch` consumed once every rank of that plan has taken its first `consumed`
+    micro-batches, with those `excluded` before it (a bool mask over the stage's records): what an
+    elastic resume leaves out of the rest of the epoch."""
+    mask = np.zeros(table.n_records, dtype=bool) if excluded is None else excluded.copy()
+    for r in range(world_size):
+        plan = epoch_plan(
+            table,
+            seed=seed,
+            epoch=epoch,
+            rank=r,
+            world_size=world_size,
+            micro_batch_tokens=micro_batch_tokens,
+            window=window,
+            excluded=excluded,
+        )
+        mask[plan.records[: plan.batch_offsets[min(consumed, plan.n_batches)]]] = True
+    return mask
