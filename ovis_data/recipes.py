@@ -14,7 +14,7 @@ from typing import Any
 
 from .constants import IMAGE_MARK
 from .errors import OvisDataError
-from .registry import DatasetSpec, recipe_registry
+from .registry import DatasetSpec, load_registry, recipe_registry, select
 from .resources import resource_path
 
 TEMPLATES = ("auto", "qwen", "llama3", "gemma", "chat_template")
@@ -86,6 +86,30 @@ def find_deepspeed(recipe_file: Path, name: str) -> Path | None:
 def no_shipped_recipe(stage: int) -> OvisDataError:
     """What every command says for a --stage N that has no pipelines/stageN.toml (one wording everywhere)."""
     return OvisDataError(f"no shipped recipe for stage {stage} (stages 1-3; your own: --recipe FILE)")
+
+
+def select_specs(
+    names: list[str] | None,
+    stage: int | None,
+    recipe: str | Path | None,
+    dataset_info: str | Path | None,
+    verb: str,
+) -> tuple[list[DatasetSpec], dict[str, DatasetSpec]]:
+    """The datasets a command works on, and the registry they come from: those a recipe names
+    (`--recipe`, alone), or NAMES..., or every dataset, narrowed to the registry's stage N by `--stage N`.
+    `verb` says what the command does to them, for the error when --recipe is combined with the others."""
+    if recipe is not None:
+        if names or stage is not None:
+            raise OvisDataError(f"--recipe {verb} the datasets it names: give no names or --stage")
+        chosen, registry = select_recipe(None, recipe, dataset_info)
+        return [registry[m.name] for m in chosen.datasets], registry
+    registry = load_registry(dataset_info)
+    specs = select(registry, names)
+    if stage is not None:
+        if stage not in {s.stage for s in registry.values()}:  # a usage error, not an empty success
+            raise no_shipped_recipe(stage)
+        specs = [s for s in specs if s.stage == stage]
+    return specs, registry
 
 
 def select_recipe(

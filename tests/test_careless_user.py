@@ -96,6 +96,8 @@ def test_messages_agree(
     for prog, args in (
         ("ovis-data", ["validate", "--stage", "7", "--root", str(tmp_path)]),
         ("ovis-data", ["list", "--stage", "7"]),
+        ("ovis-data", ["get", "--stage", "7", "--root", str(tmp_path)]),
+        ("ovis-data", ["report", "--stage", "7", "--root", str(tmp_path), "--out", str(tmp_path / "r.html")]),
         ("ovis-data", ["pack", "--stage", "7", "--root", str(tmp_path), "--tokenizer", tok, "--out", "o"]),
         ("ovis-train", ["--stage", "7", "--data", str(tmp_path), "--out", str(tmp_path / "run")]),
     ):

@@ -13,8 +13,8 @@ from ..clikit import ProgressDisplay, fail
 from ..fetch import FetchOptions, NetParams
 from ..get import GetOptions, Hub, NotEnoughSpace, get, make_plan
 from ..get.report import plan_json, plan_table, summary_table, write_report
-from ..recipes import select_recipe
-from ..registry import load_registry, resolve_root, select
+from ..recipes import select_specs
+from ..registry import resolve_root
 from .app import app
 from .common import InfoOption, QuietOption, RecipeOption, RootOption, console, err_console
 
@@ -72,19 +72,7 @@ def get_cmd(
     """
     if jobs < 1:
         raise typer.BadParameter("--jobs must be at least 1")
-    if recipe is not None:
-        if names or stage is not None:
-            raise typer.BadParameter("--recipe gets the datasets it names: give no names or --stage")
-        chosen, registry = select_recipe(None, recipe, dataset_info)
-        specs = [registry[m.name] for m in chosen.datasets]
-    else:
-        registry = load_registry(dataset_info)
-        specs = select(registry, names)
-        if stage is not None:
-            stages = sorted({s.stage for s in registry.values()})
-            if stage not in stages:
-                raise typer.BadParameter(f"no dataset is in stage {stage} (stages: {stages})")
-            specs = [s for s in specs if s.stage == stage]
+    specs, registry = select_specs(names, stage, recipe, dataset_info, "gets")
     without = [s.name for s in specs if s.source is None]
     if names and without:
         raise typer.BadParameter(f"no source recorded for {', '.join(without)} (add a 'source' to its entry)")

@@ -14,8 +14,8 @@ from ..clikit import (
     expect_file_or_creatable,
     print_table,
 )
-from ..recipes import no_shipped_recipe, select_recipe
-from ..registry import load_registry, resolve_root, select
+from ..recipes import select_specs
+from ..registry import resolve_root
 from ..report.hint import report_hint
 from ..validate.bad_samples_report import summary_table, write_report
 from ..validate.dataset import validate_dataset
@@ -83,19 +83,7 @@ def validate(
     expect_dir_or_creatable(catalog_dir, "--catalog-dir")
     if deep and meta_only:
         raise typer.BadParameter("--deep and --meta-only exclude each other")
-    if recipe is not None:
-        if names or stage is not None:
-            raise typer.BadParameter("--recipe validates the datasets it names: give no names or --stage")
-        chosen, registry = select_recipe(None, recipe, dataset_info)
-        specs = [registry[m.name] for m in chosen.datasets]
-    else:
-        registry = load_registry(dataset_info)
-        specs = select(registry, names)
-        if stage is not None:
-            stages = sorted({s.stage for s in registry.values()})
-            if stage not in stages:  # as in pack --stage 7: a usage error, not an empty success
-                raise no_shipped_recipe(stage)
-            specs = [s for s in specs if s.stage == stage]
+    specs, registry = select_specs(names, stage, recipe, dataset_info, "validates")
     base = resolve_root(root)
     mode = "meta" if meta_only else ("deep" if deep else "header")
     limits = ImageLimits(max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
