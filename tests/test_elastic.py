@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import FAST, _env, _free_port, _losses, parts, tokenizer_dir  # noqa: F401 - fixtures
+from test_train import FAST, free_port, parts, run_losses, tokenizer_dir, train_env  # noqa: F401 - fixtures
 
 from ovis_data.pack.stage import pack_stage
 from ovis_data.shards import iter_records
@@ -63,7 +63,7 @@ def _command(world: int, packed: Path, parts: tuple[Path, Path], out: Path, *ext
     if world == 1:
         return [sys.executable, *train]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    return [torchrun, "--nproc_per_node", str(world), "--master_port", str(_free_port()), *train]
+    return [torchrun, "--nproc_per_node", str(world), "--master_port", str(free_port()), *train]
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -73,7 +73,7 @@ def _events(run_dir: Path) -> list[dict]:
 def _run_until(cmd: list[str], run_dir: Path, done) -> str:  # noqa: ANN001 - done: records -> bool
     """Run `cmd`, SIGTERM its ranks (as a preempting scheduler does) once `done(metrics records)`; stdout."""
     pipe = subprocess.PIPE
-    proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=_env(), cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=train_env(), cwd=REPO)
     deadline = time.time() + 900
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -118,7 +118,7 @@ def _check_epoch(run_dir: Path, packed: Path, stopped_at: int, resumed: str) -> 
     # own plan drops are not lost: they are among the records left for the new ranks
     records_missing = {k.rsplit("#", 1)[0] for k in missing}
     assert len(records_missing) == int(said.group(1)), (len(records_missing), said.group(0))
-    losses = _losses(run_dir)
+    losses = run_losses(run_dir)
     before = [losses[s] for s in sorted(losses) if s <= stopped_at]
     after = [losses[s] for s in sorted(losses) if s > stopped_at]
     assert after, "the resumed run made no step"
@@ -138,7 +138,7 @@ def _stop_then_resume(
     """Run `first` (world, extra args) for `steps` steps, resume as `second` until epoch 0 ends; check."""
     run_dir = out / "stage1"
     _run_until(_command(first[0], packed, model_parts, out, *first[1:]), run_dir, _steps(steps))
-    stopped_at = max(_losses(run_dir))
+    stopped_at = max(run_losses(run_dir))
     assert not _epoch_ended(_events(run_dir)), "the first run finished the epoch: stop it earlier"
     ranks = {json.loads(line)["rank"] for line in (run_dir / "samples.jsonl").read_text().splitlines()}
     assert ranks == set(range(first[0]))
@@ -169,11 +169,15 @@ def test_zero3_on_another_size_is_refused_in_one_line(
 ) -> None:
     zero3 = ("--set", "deepspeed=zero3.json", "--set", 'trainable=["all"]', "--max-steps", "2")
     first = subprocess.run(
-        _command(1, packed1, parts, tmp_path, *zero3), capture_output=True, text=True, env=_env(), timeout=900
+        _command(1, packed1, parts, tmp_path, *zero3),
+        capture_output=True,
+        text=True,
+        env=train_env(),
+        timeout=900,
     )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     again = _command(2, packed1, parts, tmp_path, *zero3, "--resume")
-    resumed = subprocess.run(again, capture_output=True, text=True, env=_env(), timeout=900, cwd=REPO)
+    resumed = subprocess.run(again, capture_output=True, text=True, env=train_env(), timeout=900, cwd=REPO)
     assert resumed.returncode != 0
     errors = {line for line in resumed.stderr.splitlines() if line.startswith("error:")}
     assert len(errors) == 1, resumed.stderr[-3000:]  # the same line from each rank

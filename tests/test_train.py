@@ -39,7 +39,7 @@ FAST = [
 ]  # fmt: skip
 
 
-def _env() -> dict:
+def train_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
@@ -51,10 +51,10 @@ def _env() -> dict:
 
 def ovis_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ovis_model.train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True, text=True, env=train_env(), timeout=timeout, cwd=REPO)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -101,7 +101,7 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def run_losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
@@ -156,7 +156,7 @@ def test_stages_chain_with_the_recipes_freezing(
     assert any(not torch.equal(w3[k], w2[k]) for k in llm_keys)
     for stage in (1, 2, 3):
         run_dir = run / f"stage{stage}"
-        losses = _losses(run_dir)
+        losses = run_losses(run_dir)
         assert len(losses) >= 3 and all(math.isfinite(v) for v in losses.values())  # one per step
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
         # one epoch convention: a step line says the epoch (from 0) its micro-batches came from, and an
@@ -191,19 +191,19 @@ def test_resume_after_sigterm_is_exact(
     llm_dir, vit_dir = parts
     common = ["--stage", "1", "--data", str(packed), "--llm", str(llm_dir), "--vit", str(vit_dir),
               "--max-steps", str(STAGE1_STEPS), "--set", "train.save_every=100", *FAST]  # fmt: skip
-    expected = _losses(stage1_run / "stage1")
+    expected = run_losses(stage1_run / "stage1")
     assert sorted(expected) == list(range(1, STAGE1_STEPS + 1))
 
     out_b = tmp_path / "b"
     cmd = [sys.executable, "-m", "ovis_model.train", *common, "--out", str(out_b)]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env(), cwd=REPO
     )
     metrics = out_b / "stage1" / "metrics.jsonl"
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and len(_losses(out_b / "stage1")) >= 2:
+            if metrics.exists() and len(run_losses(out_b / "stage1")) >= 2:
                 proc.send_signal(signal.SIGTERM)
                 break
             time.sleep(0.05)
@@ -212,17 +212,17 @@ def test_resume_after_sigterm_is_exact(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    stopped_at = max(_losses(out_b / "stage1"))
+    stopped_at = max(run_losses(out_b / "stage1"))
     assert stopped_at < STAGE1_STEPS, "the run finished before SIGTERM arrived"
     assert (out_b / "stage1" / "checkpoints" / "latest").read_text().strip() == f"step{stopped_at}"
 
     # without --resume: refused, nothing overwritten (in this process: no DeepSpeed import to pay)
     code, _, err = call(capsys, monkeypatch, "ovis-train", *common, "--out", str(out_b))
     assert code == 2 and "--resume" in err
-    assert max(_losses(out_b / "stage1")) == stopped_at
+    assert max(run_losses(out_b / "stage1")) == stopped_at
     resumed = ovis_train(*common, "--out", str(out_b), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    got = _losses(out_b / "stage1")
+    got = run_losses(out_b / "stage1")
     assert got == expected  # bit for bit: steps before the stop and after the resume
 
 
@@ -230,16 +230,16 @@ def test_resume_after_sigterm_is_exact(
 def test_two_ranks_torchrun(zero: int, packed: Path, parts: tuple[Path, Path], tmp_path: Path) -> None:
     llm_dir, vit_dir = parts
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "ovis_model.train",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ovis_model.train",
            "--stage", "1", "--data", str(packed), "--out", str(tmp_path), "--llm", str(llm_dir),
            "--vit", str(vit_dir), "--max-steps", "3", "--set", f"deepspeed=zero{zero}.json",
            "--set", 'trainable=["all"]', *FAST]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "stage1"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["world_size"] == 2 and config["deepspeed"]["zero_optimization"]["stage"] == zero
-    losses = _losses(run_dir)
+    losses = run_losses(run_dir)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     weights = _weights(run_dir / "model")
     llm0 = _weights(llm_dir)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import FAST, _env, ovis_train, parts, tokenizer_dir  # noqa: F401 - fixtures
+from test_train import FAST, ovis_train, parts, tokenizer_dir, train_env  # noqa: F401 - fixtures
 
 from ovis_data.pack.stage import pack_stage
 from ovis_model.train import ckpt_manifest
@@ -137,7 +137,8 @@ def test_two_runs_one_folder_sigkill_and_resume(
     # however slow the machine (it is killed below)
     common = _common(packed1, parts, 100_000)
     cmd = [sys.executable, "-m", "ovis_model.train", *common, "--out", str(out)]
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(), cwd=REPO)
+    quiet = {"stdout": subprocess.DEVNULL, "env": train_env(), "cwd": REPO}
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, **quiet)
     watched: set[int] = set()
     try:
         deadline = time.time() + 300
@@ -159,9 +160,10 @@ def test_two_runs_one_folder_sigkill_and_resume(
     last = max(int(p.name[4:]) for p in (stage / "checkpoints").glob("step*"))
     # a DeepSpeed op build killed midway left torch's lock in a (private copy of the) extension cache
     ext = tmp_path / "ext"
-    shutil.copytree(Path(_env()["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm", ext / "deepspeed_shm_comm")
+    cache = Path(train_env()["TORCH_EXTENSIONS_DIR"])
+    shutil.copytree(cache / "deepspeed_shm_comm", ext / "deepspeed_shm_comm")
     (ext / "deepspeed_shm_comm" / "lock").touch()
-    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
+    env = {**train_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
     resumed = subprocess.run(
         [sys.executable, "-m", "ovis_model.train", *_common(packed1, parts, last + 1), "--out", str(out),
          "--resume"],
@@ -183,7 +185,8 @@ def test_sigkill_of_pack_leaves_no_worker(
     cmd = [sys.executable, "-m", "ovis_data", "pack", "--stage", "1", "--root", str(root), "--tokenizer",
            str(parts[0]), "--out", str(tmp_path / "packed"), "--processes", "2", "--visual-tokens", "6",
            "--image-size", "28", "--max-length", "256", "--packs-per-shard", "4"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": train_env(), "cwd": REPO}
+    proc = subprocess.Popen(cmd, **quiet)
     watched: set[int] = set()
     try:
         deadline = time.time() + 300
@@ -247,7 +250,7 @@ def test_planted_pickle_in_a_checkpoint_never_runs(
     assert not marker.exists()
     # the control: loading that file the way DeepSpeed does runs the payload
     unsafe = f"import torch; torch.load({str(planted)!r}, weights_only=False)"
-    subprocess.run([sys.executable, "-c", unsafe], env=_env(), timeout=120, capture_output=True)
+    subprocess.run([sys.executable, "-c", unsafe], env=train_env(), timeout=120, capture_output=True)
     assert marker.exists()
 
 
@@ -351,7 +354,7 @@ def test_kill_during_export_keeps_the_previous_model(trained: Path, tmp_path: Pa
         "    os.kill(os.getpid(), signal.SIGKILL)  # killed with the new folder written, not yet in place\n"
         "publish_dir(Path(sys.argv[2]), write)\n"
     )
-    p = subprocess.run([sys.executable, "-c", script, str(model_dir), str(model_dir)], env=_env(),
+    p = subprocess.run([sys.executable, "-c", script, str(model_dir), str(model_dir)], env=train_env(),
                        capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
@@ -383,7 +386,7 @@ def test_inspect_refuses_a_tar_without_records(tmp_path: Path, parts: tuple[Path
     with tarfile.open(tar, "w") as tf:
         tf.add(tmp_path / "a.txt", arcname="a.txt")
     p = subprocess.run([sys.executable, "-m", "ovis_data", "inspect", str(tar), "--tokenizer", str(parts[0])],
-                       capture_output=True, text=True, env=_env(), timeout=120, cwd=REPO)  # fmt: skip
+                       capture_output=True, text=True, env=train_env(), timeout=120, cwd=REPO)  # fmt: skip
     _error_line(p, 2, str(tar), "not a record written by ovis-data pack")
 
 

@@ -5,9 +5,7 @@ with the exported model), keeps the best model, and logs tokens/s and MFU on eve
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from test_train import FAST, REPO, ovis_train
+from test_train import FAST, REPO, free_port, ovis_train, train_env
 
 from ovis_data.pack.holdout import holdout_draws
 from ovis_data.pack.stage import pack_stage
@@ -27,23 +25,6 @@ from ovis_model.preprocess import decode_rgb
 from ovis_model.tiny import write_tiny_parts
 
 HOLDOUT = 0.25
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict:
-    """A launcher's environment of its own (no RANK etc. from outside), this tree first on the path."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
-    }
-    env.pop("MASTER_PORT", None)
-    env.update(PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +149,11 @@ def test_two_ranks_zero3_val_loss_covers_the_whole_split(packed: Path, parts, tm
     over ranks equals the loss of the whole split computed directly."""
     llm, vit = parts
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "ovis_model.train",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ovis_model.train",
            "--stage", "1", "--data", str(packed), "--out", str(tmp_path), "--llm", str(llm),
            "--vit", str(vit), "--max-steps", "2", "--set", "deepspeed=zero3.json",
            "--set", 'trainable=["all"]', "--micro-batch-tokens", "300", *FAST[:-2]]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400, cwd=REPO)
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        cmd[4] = str(_free_port())  # a rare gloo abort at exit (see test_train): once more
-        shutil.rmtree(tmp_path / "stage1", ignore_errors=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "stage1" / "summary.json").read_text())
     direct = _direct_val_loss(tmp_path / "stage1" / "model", packed / "stage1" / "val")
