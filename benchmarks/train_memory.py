@@ -14,7 +14,10 @@ One step = forward, backward and an AdamW step on that micro-batch, in a fresh p
 process's peak minus its resident set just before the step, i.e. what the step adds).
 
 - dense: attention "sdpa" with the `[L, L]` block mask, LM loss and visual head unchunked (today's path);
-- new: attention "sdpa_segments" (per segment), chunked LM loss and visual head (the default).
+- chunked: attention "sdpa_segments" (per segment), chunked LM loss and visual head recomputed in
+  backward (`--paths dense,chunked,new`; the CPU default before ovis_model/visual_head.py);
+- new: the default: "sdpa_segments", the chunked LM loss, and on a CPU the visual head as one tiled,
+  attention-shaped product (ovis_model/visual_head.py).
 
 A configuration whose estimate (`ovis_model.train.memory`) exceeds 80% of the available memory is not run
 (it would meet the OOM killer): the table shows the estimate instead. Results: the table on stdout and
@@ -36,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 PATHS = {
     "dense": {"attn": "sdpa", "chunks": None},
+    "chunked": {"attn": "sdpa_segments", "chunks": "default", "tiles": False},
     "new": {"attn": "sdpa_segments", "chunks": "default"},
 }
 STAGE1_TRAINABLE = ["visual_tokenizer.re_init_layers", "visual_tokenizer.head", "vte"]
@@ -67,6 +71,7 @@ def child(args: argparse.Namespace) -> None:
     )  # fmt: skip
     if path["chunks"] is None:
         model.loss_chunk_elements = model.visual_chunk_elements = None
+    model.visual_tiles = path.get("tiles", True)
     select_trainable(model, STAGE1_TRAINABLE)
     cuda = args.device == "cuda"
     model.to(args.device).train()
@@ -179,6 +184,8 @@ def main() -> None:
 
 
 def table(rows: list[dict], visual_vocab: int) -> str:
+    """One row per size: each path's peak and time, then each other path's ratios against "new"."""
+
     def cell(r: dict | None) -> tuple[str, str]:
         if r is None:
             return "-", "-"
@@ -188,23 +195,29 @@ def table(rows: list[dict], visual_vocab: int) -> str:
             return "failed", "-"
         return f"{r['peak_bytes'] / 2**30:.2f} GiB", f"{r['seconds']:.1f} s"
 
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    others = [p for p in paths if p != "new"]
+    head = [f"{p}: {what}" for p in paths for what in ("peak", "time")]
+    head += [f"{p}/new: {what}" for p in others for what in ("peak", "time")] if "new" in paths else []
     lines = [
         f"one stage-1 step, visual vocabulary {visual_vocab:,} (peak = resident memory the step adds)",
-        "| tokens | dense: peak | dense: time | new: peak | new: time | peak ratio | time ratio |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| tokens | " + " | ".join(head) + " |",
+        "| ---: |" + " ---: |" * len(head),
     ]
     for tokens in sorted({r["tokens"] for r in rows}):
         by = {r["path"]: r for r in rows if r.get("tokens") == tokens}
-        d, n = by.get("dense"), by.get("new")
-        dp, dt = cell(d)
-        np_, nt = cell(n)
-        ratio_p = ratio_t = "-"
-        if d and n and "seconds" in d and "seconds" in n:
-            ratio_p = f"{d['peak_bytes'] / max(n['peak_bytes'], 1):.1f}x"
-            ratio_t = f"{d['seconds'] / n['seconds']:.2f}x"
-        elif n and "seconds" in n and d:
-            ratio_p = f">= {d['estimate_bytes'] / max(n['peak_bytes'], 1):.0f}x (estimate)"
-        lines.append(f"| {tokens:,} | {dp} | {dt} | {np_} | {nt} | {ratio_p} | {ratio_t} |")
+        cells = [c for p in paths for c in cell(by.get(p))]
+        n = by.get("new")
+        for p in others if "new" in paths else []:
+            d = by.get(p)
+            ratio_p = ratio_t = "-"
+            if d and n and "seconds" in d and "seconds" in n:
+                ratio_p = f"{d['peak_bytes'] / max(n['peak_bytes'], 1):.1f}x"
+                ratio_t = f"{d['seconds'] / n['seconds']:.2f}x"
+            elif n and "seconds" in n and d and "skipped" in d:
+                ratio_p = f">= {d['estimate_bytes'] / max(n['peak_bytes'], 1):.0f}x (estimate)"
+            cells += [ratio_p, ratio_t]
+        lines.append(f"| {tokens:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

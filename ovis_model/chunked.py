@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .constants import IGNORE_INDEX
+from .visual_head import fusable, tiled_soft_embeddings
 
 # elements of one chunk's widest tensor: 2**24 floats = 64 MiB in fp32 (a few such tensors live at once)
 CHUNK_ELEMENTS = 2**24
@@ -111,9 +112,12 @@ def soft_visual_embeddings(
     vte: torch.nn.Module,
     features: torch.Tensor,
     chunk_elements: int | None = CHUNK_ELEMENTS,
+    tiled: bool = True,
 ) -> torch.Tensor:
     """`[n, patches, hidden]` = `vte(tokenize(head(features)))` for `features` `[n, patches, width]`, a chunk
-    of patch rows (a few images' worth) at a time. `chunk_elements=None`: all at once."""
+    of patch rows (a few images' worth) at a time. `chunk_elements=None`: all at once. A softmax head on a
+    CPU goes through ovis_model.visual_head instead (cache-sized tiles, no chunk budget) unless `tiled` is
+    False."""
 
     def embed(rows: torch.Tensor) -> torch.Tensor:
         return vte(visual_tokenizer.tokenize(visual_tokenizer.head(rows)))
@@ -121,6 +125,10 @@ def soft_visual_embeddings(
     n, patches, width = features.shape
     if chunk_elements is None:
         return embed(features)
+    head = visual_tokenizer.head
+    if tiled and fusable(head, visual_tokenizer.config.tokenize_function, features):
+        embeds = tiled_soft_embeddings(head, vte.weight[: head[0].out_features], features.reshape(-1, width))
+        return embeds.reshape(n, patches, -1)
     words = visual_tokenizer.config.vocab_size
     flat = features.reshape(n * patches, width)
     parts = chunked_rows(embed, flat, rows_per_chunk(words, chunk_elements), visual_tokenizer.head, vte)

@@ -101,6 +101,7 @@ class Ovis(PreTrainedModel):
         # in one piece (the reference the chunked paths are tested against)
         self.loss_chunk_elements: int | None = CHUNK_ELEMENTS
         self.visual_chunk_elements: int | None = CHUNK_ELEMENTS
+        self.visual_tiles = True  # a softmax head on a CPU: ovis_model.visual_head's tiles (False: chunks)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -145,7 +146,9 @@ class Ovis(PreTrainedModel):
         the head and soft lookup a chunk of patches at a time (`visual_chunk_elements`).
         """
         features = self.visual_tokenizer.encode(pixel_values)
-        embeds = soft_visual_embeddings(self.visual_tokenizer, self.vte, features, self.visual_chunk_elements)
+        embeds = soft_visual_embeddings(
+            self.visual_tokenizer, self.vte, features, self.visual_chunk_elements, self.visual_tiles
+        )
         if self.config.visual_tokenizer_config.use_indicators:
             v = self.config.visual_tokenizer_config.vocab_size
             indicators = self.vte(torch.tensor([v - 2, v - 1], device=embeds.device))

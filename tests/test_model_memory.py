@@ -19,6 +19,7 @@ from ovis_model.batching import collate_packed
 from ovis_model.chunked import lm_loss_sum, rows_per_chunk, soft_visual_embeddings
 from ovis_model.tiny import random_packed_record, tiny_ovis
 from ovis_model.train.memory import Shapes, estimate_bytes, largest_fitting
+from ovis_model.visual_head import fusable, tiled_soft_embeddings
 
 
 def _grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -50,8 +51,13 @@ def test_chunked_lm_loss_equals_plain_with_gradients(softcap: float | None, froz
     assert empty.item() == 0.0 and empty.requires_grad
 
 
-@pytest.mark.parametrize("tokenize", ["softmax", "gumbel_argmax", "st_argmax"])
-def test_chunked_visual_head_equals_plain_with_gradients(tokenize: str) -> None:
+@pytest.mark.parametrize(
+    ("tokenize", "tiled"),
+    [("softmax", True), ("softmax", False), ("gumbel_argmax", False), ("st_argmax", False)],
+)
+def test_chunked_visual_head_equals_plain_with_gradients(tokenize: str, tiled: bool) -> None:
+    """The checkpointed chunks (every tokenize function) and, for the softmax on a CPU, the tiled
+    attention-shaped path: the same embeddings and gradients as the head computed in one piece."""
     model = tiny_ovis(visual_vocab_size=96, seed=2).train()
     vt = model.visual_tokenizer
     vt.config.tokenize_function = tokenize
@@ -63,7 +69,7 @@ def test_chunked_visual_head_equals_plain_with_gradients(tokenize: str) -> None:
         for t in (features, *params):
             t.grad = None
         torch.manual_seed(7)  # gumbel noise: the same draws in both (the checkpoint replays the RNG)
-        out = soft_visual_embeddings(vt, model.vte, features, chunk_elements)
+        out = soft_visual_embeddings(vt, model.vte, features, chunk_elements, tiled=tiled)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         results.append((out.detach(), _grads(features, *params)))
     (out0, g0), (out1, g1) = results
@@ -71,6 +77,39 @@ def test_chunked_visual_head_equals_plain_with_gradients(tokenize: str) -> None:
     assert torch.allclose(out1, out0, atol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_tiled_visual_head_over_many_tiles(affine: bool) -> None:
+    """Rows and words over several tiles (the last ones partial), scores far from 0 (the online softmax's
+    rescaling matters), a layer norm with and without its own scale and shift: equal to softmax(head(x)) E,
+    values and gradients of x, the head and the table."""
+    torch.manual_seed(11)
+    head = torch.nn.Sequential(
+        torch.nn.Linear(8, 94, bias=False), torch.nn.LayerNorm(94, elementwise_affine=affine)
+    )
+    if affine:
+        with torch.no_grad():
+            head[1].weight.uniform_(2.0, 6.0)
+            head[1].bias.uniform_(-3.0, 3.0)
+    table = torch.randn(96, 6, requires_grad=True)
+    rows = torch.randn(20, 8, requires_grad=True)
+    tensors = [rows, table, *head.parameters()]
+    results = []
+    for compute in (
+        lambda: head(rows).softmax(-1) @ table[:94],
+        lambda: tiled_soft_embeddings(head, table[:94], rows, tile=(3, 16)),
+    ):
+        for t in tensors:
+            t.grad = None
+        out = compute()
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), _grads(*tensors)))
+    (out0, g0), (out1, g1) = results
+    assert torch.allclose(out1, out0, atol=1e-5)
+    for a, b in zip(g1, g0, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert fusable(head, "softmax", rows) and not fusable(head, "st_argmax", rows)
 
 
 def test_model_loss_and_grads_equal_with_and_without_chunks() -> None:
