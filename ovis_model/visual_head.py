@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# One `[rows, cols]` score tile (and its gradient) stays within a core's L2 cache: 256 x 1024 floats = 1 MiB.
-TILE_ROWS = 256
-TILE_COLS = 1024
+# One `[rows, cols]` score tile (and its gradient) stays within a core's L2 cache: 512 x 512 floats = 1 MiB.
+TILE_ROWS = 512
+TILE_COLS = 512
 
 
 class TileSoftmaxProduct(torch.autograd.Function):
@@ -68,20 +68,25 @@ class TileSoftmaxProduct(torch.autograd.Function):
         dk = torch.zeros_like(k) if need_k else None
         dv = torch.zeros_like(v) if need_v else None
         # rowsum(P * dP) = rowsum(dO * O): the softmax backward's per-row term without a second pass
-        delta = (grad_out * out).sum(1)
+        delta = (grad_out * out).sum(1, keepdim=True)
+        # A column of -lse (-delta) on the rows and of ones on the words puts each tile's subtraction into
+        # its matrix product: P = exp([q, -lse] [k, 1]^T), dP - delta = [dO, -delta] [v, 1]^T.
+        q_shift = torch.cat([q, -lse[:, None]], 1)
+        g_shift = torch.cat([grad_out, -delta], 1)
+        k_ones = torch.cat([k, k.new_ones(k.shape[0], 1)], 1)
+        v_ones = torch.cat([v, v.new_ones(v.shape[0], 1)], 1)
         for r0 in range(0, q.shape[0], tile_rows):
             qr, gr = q[r0 : r0 + tile_rows], grad_out[r0 : r0 + tile_rows]
-            lse_r, delta_r = lse[r0 : r0 + tile_rows, None], delta[r0 : r0 + tile_rows, None]
+            qs, gs = q_shift[r0 : r0 + tile_rows], g_shift[r0 : r0 + tile_rows]
             for c0 in range(0, k.shape[0], tile_cols):
-                kc, vc = k[c0 : c0 + tile_cols], v[c0 : c0 + tile_cols]
-                probs = (qr @ kc.t()).sub_(lse_r).exp_()
+                probs = (qs @ k_ones[c0 : c0 + tile_cols].t()).exp_()
                 if dv is not None:
                     dv[c0 : c0 + tile_cols].addmm_(probs.t(), gr)
                 if dq is None and dk is None:
                     continue
-                dscores = (gr @ vc.t()).sub_(delta_r).mul_(probs)
+                dscores = (gs @ v_ones[c0 : c0 + tile_cols].t()).mul_(probs)
                 if dq is not None:
-                    dq[r0 : r0 + tile_rows].addmm_(dscores, kc)
+                    dq[r0 : r0 + tile_rows].addmm_(dscores, k[c0 : c0 + tile_cols])
                 if dk is not None:
                     dk[c0 : c0 + tile_cols].addmm_(dscores.t(), qr)
         return dq, dk, dv, None, None
