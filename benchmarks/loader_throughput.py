@@ -102,7 +102,7 @@ def _photo(rng: random.Random, path: Path) -> None:
 
     w, h = rng.choice(PHOTO_SIZES)
     path.parent.mkdir(parents=True, exist_ok=True)
-    demo_corpus._image(rng, w, h).save(path, format="JPEG", quality=90)
+    demo_corpus.random_image(rng, w, h).save(path, format="JPEG", quality=90)
 
 
 def build_corpus(root: Path, n_conv: int, n_cap: int, per_dir: int, cap_pool: int, seed: int) -> dict:

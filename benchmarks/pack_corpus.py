@@ -27,11 +27,11 @@ def stage3_conversations(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         spec = specs[i % len(specs)]
         if spec.image_dir is None:
-            conv = demo_corpus._conversation(rng, 0, rng.randint(1, 3), i % 4 == 0, i % 5 == 0)
+            conv = demo_corpus.random_conversation(rng, 0, rng.randint(1, 3), i % 4 == 0, i % 5 == 0)
             out.append({"id": f"{spec.name}-{i}", "conversations": conv})
             continue
         n_images = 2 if i % 7 == 3 else 1
-        conv = demo_corpus._conversation(rng, n_images, rng.randint(1, 4), i % 6 == 0, i % 5 == 0)
+        conv = demo_corpus.random_conversation(rng, n_images, rng.randint(1, 4), i % 6 == 0, i % 5 == 0)
         out.append(
             {
                 "id": f"{spec.name}-{i}",
@@ -44,7 +44,7 @@ def stage3_conversations(n: int, seed: int = 0) -> list[dict]:
 
 def captions(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    return [demo_corpus._sentence(rng) + ("" if i % 9 else " <image> watermark") for i in range(n)]
+    return [demo_corpus.random_sentence(rng) + ("" if i % 9 else " <image> watermark") for i in range(n)]
 
 
 def llava665k_lengths(n: int = 665_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,8 @@ The work is validate's meta-only pass, both ways, on each file:
 3. every image path of a good sample, with the unsafe-path rules, joined against the image listing
    (one directory walk, `ImageStore.listing()`, the same Arrow table for both): absent -> missing_image;
    a sample takes the reason of its first bad image.
-DuckDB runs the project's own code (`metafile.load_meta`, `dataset._mark_duplicates`, `_mark_paths`,
-`_fold_images_into_samples`, under validate's connection and memory limit). Polars runs the same rules
+DuckDB runs the project's own code (`metafile.load_meta`, `dataset.mark_duplicates`, `mark_paths`,
+`fold_images_into_samples`, under validate's connection and memory limit). Polars runs the same rules
 written as polars does best: the JSON list read whole (polars has no lazy reader for a JSON list), the
 JSON-lines caption file scanned lazily, every step a lazy query collected with the streaming engine.
 Both must give the same counts (asserted): samples, each reason, unique image paths, unique paths
@@ -86,13 +86,13 @@ def make_captions(root: Path, samples: int, files: int) -> None:
 def run_duckdb(spec, root: Path, listing) -> dict:
     from ovis_data.duck import bounded_connection
     from ovis_data.validate.dataset import (
-        _fold_images_into_samples,
-        _mark_duplicates,
-        _mark_paths,
+        fold_images_into_samples,
+        mark_duplicates,
+        mark_paths,
     )
     from ovis_data.validate.metafile import load_meta
 
-    class Store:  # _mark_paths' view of an ImageStore, with the listing taken once outside the timing
+    class Store:  # mark_paths' view of an ImageStore, with the listing taken once outside the timing
         image_dir, layout = spec.image_path(root), "files"
 
         def listing(self):
@@ -102,9 +102,9 @@ def run_duckdb(spec, root: Path, listing) -> dict:
     with bounded_connection() as con:
         total = load_meta(con, spec, spec.meta_path(root))
         t_meta = time.perf_counter()
-        _mark_duplicates(con)
-        _mark_paths(con, Store())
-        _fold_images_into_samples(con, with_sizes=False)
+        mark_duplicates(con)
+        mark_paths(con, Store())
+        fold_images_into_samples(con, with_sizes=False)
         reasons = dict(con.execute("SELECT reason, count(*) FROM meta GROUP BY 1").fetchall())
         paths, missing = con.execute(
             """SELECT count(DISTINCT path), count(DISTINCT path) FILTER (WHERE reason = 'missing_image')

@@ -116,7 +116,7 @@ def _rows(names: list[str]) -> list[dict]:
 
 def make_images(root: Path, n: int) -> None:
     """n web-sized JPEGs for deep checks, and HEADER_COPIES hard links of each for header checks."""
-    from ovis_data.demo_corpus import _image
+    from ovis_data.demo_corpus import random_image
 
     rng = random.Random(1)
     img_dir, hdr_dir = root / "images" / "imgs", root / "images" / "hdrs"
@@ -125,7 +125,7 @@ def make_images(root: Path, n: int) -> None:
     names = [f"{i:06d}.jpg" for i in range(n)]
     for name in names:
         w = rng.choice([480, 640, 800, 1024])
-        _image(rng, w, w * 3 // 4).save(img_dir / name, quality=90)
+        random_image(rng, w, w * 3 // 4).save(img_dir / name, quality=90)
         for k in range(HEADER_COPIES):
             os.link(img_dir / name, hdr_dir / f"{k}_{name}")
     (root / "meta_files" / "imgs.json").write_text(json.dumps(_rows(names)))

@@ -66,20 +66,20 @@ SIZES = {"coyo-10m": 160, "allava-evol-instruct-143k": 20}
 DEFAULT_ROWS = 14
 
 
-def _sentence(rng: random.Random) -> str:
+def random_sentence(rng: random.Random) -> str:
     obj, place, adj = rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(ADJ)
     return f"A {adj} photo of a {obj} {place}."
 
 
 def _answer(rng: random.Random, long: bool = False) -> str:
     n = rng.randint(8, 16) if long else rng.randint(1, 4)
-    parts = [_sentence(rng) for _ in range(n)]
+    parts = [random_sentence(rng) for _ in range(n)]
     if rng.random() < 0.15:
         parts.append(rng.choice(UNICODE))
     return " ".join(parts)
 
 
-def _image(rng: random.Random, width: int, height: int) -> Image.Image:
+def random_image(rng: random.Random, width: int, height: int) -> Image.Image:
     """Gradients, shapes and noise: compresses like a photo, not like a flat colour."""
     nrng = np.random.default_rng(rng.randrange(2**32))
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -124,7 +124,9 @@ def _image_name(rng: random.Random, prefix: str, i: int) -> str:
     return f"{sub}{prefix}_{i:05d}{ext}"
 
 
-def _conversation(rng: random.Random, n_images: int, turns: int, system: bool, long: bool) -> list[dict]:
+def random_conversation(
+    rng: random.Random, n_images: int, turns: int, system: bool, long: bool
+) -> list[dict]:
     conv = []
     if system:
         conv.append({"from": "system", "value": "You are a careful visual assistant."})
@@ -153,7 +155,7 @@ class _Writer:
         self.written.add(path)
         w = self.rng.choice([160, 240, 320, 480, 640, 800])
         h = max(48, int(w * self.rng.choice([0.5, 0.75, 1.0, 1.33, 0.6])))
-        _save_image(_image(self.rng, w, h), path, self.variant)
+        _save_image(random_image(self.rng, w, h), path, self.variant)
         self.variant += 1
 
 
@@ -164,7 +166,7 @@ def _conversation_rows(spec: DatasetSpec, rng: random.Random, writer: _Writer, n
     for i in range(n):
         sample: dict = {"id": f"{spec.name.split('-')[0]}-{i:06d}"}
         if spec.image_dir is None:
-            sample["conversations"] = _conversation(rng, 0, rng.randint(1, 3), i % 4 == 0, i % 5 == 0)
+            sample["conversations"] = random_conversation(rng, 0, rng.randint(1, 3), i % 4 == 0, i % 5 == 0)
         else:
             n_images = 2 if (instruct and i % 7 == 3) else 1
             names = [_image_name(rng, prefix, (i * 3 + k) % 40) for k in range(n_images)]
@@ -172,7 +174,9 @@ def _conversation_rows(spec: DatasetSpec, rng: random.Random, writer: _Writer, n
                 writer.image(spec, name)
             sample["image"] = names if (n_images > 1 or i % 2) else names[0]
             turns = rng.randint(1, 4) if instruct else 1
-            sample["conversations"] = _conversation(rng, n_images, turns, instruct and i % 6 == 0, i % 5 == 0)
+            sample["conversations"] = random_conversation(
+                rng, n_images, turns, instruct and i % 6 == 0, i % 5 == 0
+            )
         rows.append(sample)
     return rows
 
@@ -228,7 +232,9 @@ def build_demo_corpus(
             names = [_image_name(rng, spec.image_dir, i) for i in range(n)]
             for nm in names[:-3]:
                 writer.image(spec, nm)  # the last three are never online: fetch and validate count them
-            captions = [_sentence(rng) + ("" if i % 9 else f" {IMAGE_MARK} watermark") for i in range(n)]
+            captions = [
+                random_sentence(rng) + ("" if i % 9 else f" {IMAGE_MARK} watermark") for i in range(n)
+            ]
             captions[4] = "   "
             pq.write_table(
                 pa.table(

@@ -75,7 +75,7 @@ class Generation:
             raise ChatError(f"top_k must be at least 1, not {self.top_k}")
 
 
-class _StepHook(StoppingCriteria):
+class StepHook(StoppingCriteria):
     """Called by `generate` after every token with all generated ids: streams text, stops rows that
     loop, and stops everything when cancelled. Records where and why each row stopped."""
 
@@ -277,7 +277,7 @@ class OvisRunner:
         if self.context_length:  # never past the LLM's positions: the answer is cut there ("length")
             max_new = max(1, min(max_new, self.context_length - width))
         deltas = _TextDeltas(self.tokenizer, on_text) if on_text is not None else None
-        hook = _StepHook(len(batch), gen.stop_on_repetition, deltas.step if deltas else None, cancel)
+        hook = StepHook(len(batch), gen.stop_on_repetition, deltas.step if deltas else None, cancel)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": gen.do_sample}
         if gen.do_sample:
             kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_pack import _recipe
+from test_pack import write_recipe
 from test_templates_tokenizers import qwen_path
 
 pytest.importorskip("s3fs")
@@ -98,7 +98,7 @@ def test_fetch_validate_pack_and_load_through_s3(s3: dict, corpus: Path, tmp_pat
     assert (remote / "catalogs" / "coyo-10m.parquet").is_file()
 
     # pack from the store into the store: the same shards, byte for byte, as packing the local copy
-    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
+    recipe = write_recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
     packed = RemotePath(f"s3://{BUCKET}/packed")
     m_s3 = pack_stage(recipe, str(remote), qwen_path(), str(packed), processes=1, packs_per_shard=4)
     m_local = pack_stage(recipe, local, qwen_path(), tmp_path / "packed", processes=1, packs_per_shard=4)

@@ -227,7 +227,7 @@ def test_llama3_stage3_records_match_the_rules(root: Path, tmp_path: Path):
     assert n == manifest["samples"]
 
 
-def _recipe(tmp_path: Path, stage: int, weights: dict[str, float], max_length: int) -> Path:
+def write_recipe(tmp_path: Path, stage: int, weights: dict[str, float], max_length: int) -> Path:
     src = Path(__file__).resolve().parents[1] / "pipelines"
     text = (src / f"stage{stage}.toml").read_text().split("[[datasets]]")[0]
     text = text.replace(
@@ -245,7 +245,7 @@ def _recipe(tmp_path: Path, stage: int, weights: dict[str, float], max_length: i
 
 
 def test_captions_weights_and_drops_are_counted(root: Path, tmp_path: Path):
-    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.5}, 1024)
+    recipe = write_recipe(tmp_path, 1, {"coyo-10m": 1.5}, 1024)
     validate_dataset(load_registry()["coyo-10m"], root)
     path = catalog_path(root, "coyo-10m")
     table = pq.read_table(path)
@@ -264,7 +264,7 @@ def test_captions_weights_and_drops_are_counted(root: Path, tmp_path: Path):
         _check_records_match_rules(tmp_path / "out" / "stage1", root, qwen_tokenizer(), "qwen") == d["packed"]
     )
 
-    recipe = _recipe(tmp_path, 3, {"llava-finetune-665k": 1.0, STAGE3_TEXT_ONLY: 0.5}, 700)
+    recipe = write_recipe(tmp_path, 3, {"llava-finetune-665k": 1.0, STAGE3_TEXT_ONLY: 0.5}, 700)
     m = pack_stage(recipe, root, qwen_path(), tmp_path / "out3", processes=1)
     llava = m["datasets"]["llava-finetune-665k"]
     assert (
@@ -280,7 +280,7 @@ def test_a_catalog_whose_meta_file_changed_is_refused(root: Path, tmp_path: Path
     copy = tmp_path / "data"
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns("images"))
     (copy / "images").symlink_to(root / "images")
-    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
+    recipe = write_recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
     spec = load_registry()["coyo-10m"]
     validate_dataset(spec, copy, mode="meta")
     meta, catalog = spec.meta_path(copy), catalog_path(copy, "coyo-10m")
@@ -315,7 +315,7 @@ def test_a_corpus_with_every_defect_packs_only_good_samples(tmp_path: Path):
         assert res.good == len(good[name]) and res.bad > 0
     assert good["caps"] == {0, 1} and good["conv"] == {0, 1, 2, 3, 4}
     (root / "images" / "set" / "c.jpg").unlink()  # gone since validation: ok2 and caps row 1 use it
-    recipe = _recipe(tmp_path, 3, {"text": 1.0, "conv": 1.0, "caps": 1.0}, 1024)
+    recipe = write_recipe(tmp_path, 3, {"text": 1.0, "conv": 1.0, "caps": 1.0}, 1024)
     m = pack_stage(
         recipe, root, qwen_path(), tmp_path / "out", processes=1, visual_tokens=6, registry=registry
     )
@@ -408,7 +408,7 @@ SMALL_MIX = {"llava-finetune-665k": 1.0, "scienceqa-train-val-17k": 1.0, STAGE3_
 
 
 def test_visual_tokens_and_image_size_from_flags_and_recipe(root: Path, tmp_path: Path):
-    recipe = _set_recipe_keys(_recipe(tmp_path, 3, SMALL_MIX, 256), visual_tokens=7, image_size=32)
+    recipe = _set_recipe_keys(write_recipe(tmp_path, 3, SMALL_MIX, 256), visual_tokens=7, image_size=32)
     m = pack_stage(recipe, root, qwen_path(), tmp_path / "flags", visual_tokens=6, image_size=28, processes=1)
     assert (m["visual_tokens_per_image"], m["image_size"]) == (6, 28)  # the flags win over the recipe
     stage_dir = tmp_path / "flags" / "stage3"
@@ -446,7 +446,7 @@ def test_visual_tokens_and_image_size_from_flags_and_recipe(root: Path, tmp_path
 
 def test_manifest_of_an_older_version_is_completed(root: Path, tmp_path: Path):
     recipe = _set_recipe_keys(
-        _recipe(tmp_path, 3, {STAGE3_TEXT_ONLY: 1.0}, 512), visual_tokens=6, image_size=28
+        write_recipe(tmp_path, 3, {STAGE3_TEXT_ONLY: 1.0}, 512), visual_tokens=6, image_size=28
     )
     m = pack_stage(recipe, root, qwen_path(), tmp_path, processes=1, packs_per_shard=4)
     stage_dir = tmp_path / "stage3"
@@ -475,7 +475,7 @@ def test_manifest_names_the_vocabulary(qwen_stage3: Path):
 @pytest.mark.parametrize("key", ["visual_tokens", "image_size"])
 @pytest.mark.parametrize("value", ["0", "-578", '"578"', "578.0", "true"])
 def test_recipe_visual_tokens_and_image_size_must_be_positive_integers(tmp_path: Path, key: str, value: str):
-    recipe = _set_recipe_keys(_recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024), **{key: value})
+    recipe = _set_recipe_keys(write_recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024), **{key: value})
     with pytest.raises(OvisDataError, match=rf"stage1\.toml: {key} must be a positive integer"):
         load_recipe(recipe, load_registry())
     default = load_recipe(_set_recipe_keys(recipe, **{key: None}), load_registry())
@@ -486,7 +486,7 @@ def test_a_shards_store_packs_to_the_same_bytes_as_its_files(root: Path, tmp_pat
     """coyo-10m's images in the shards layout, as fetch writes them: the shard writers look them up in a
     memory-mapped copy of the sorted index (never the 10M-row index loaded in each worker) and write the
     very bytes the files layout gives."""
-    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
+    recipe = write_recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
     spec = load_registry()["coyo-10m"]
     roots = {layout: tmp_path / layout for layout in ("files", "shards")}
     for r in roots.values():

@@ -106,7 +106,7 @@ def test_fetch_on_ray_losing_a_worker_node_gives_the_local_runs_images_and_repor
 
 
 def test_validate_and_pack_on_ray_match_a_local_run(cluster: Cluster, local_fetch, tmp_path: Path):
-    from test_pack import _recipe
+    from test_pack import write_recipe
     from test_templates_tokenizers import qwen_path
 
     from ovis_data.pack.stage import pack_stage
@@ -119,7 +119,7 @@ def test_validate_and_pack_on_ray_match_a_local_run(cluster: Cluster, local_fetc
     want = validate_dataset(spec, root, "deep", processes=1)  # the catalog pack reads
     assert (checked.total, checked.good, checked.by_reason) == (want.total, want.good, want.by_reason)
     assert want.good > 0 and want.by_reason  # the demo's broken images are among them
-    recipe = _recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
+    recipe = write_recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
     local = pack_stage(recipe, root, qwen_path(), tmp_path / "local", processes=1, packs_per_shard=4)
     on_ray = pack_stage(recipe, root, qwen_path(), tmp_path / "ray", packs_per_shard=4, ray=cluster.address)
     assert len(on_ray["shards"]) > 2 and on_ray == local

@@ -18,7 +18,7 @@ from PIL import Image
 
 from ovis_model import Ovis
 from ovis_model.chat import ChatError
-from ovis_model.runner import REPEAT_WINDOW, OvisRunner, _StepHook
+from ovis_model.runner import REPEAT_WINDOW, OvisRunner, StepHook
 from ovis_model.tiny import write_tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,13 +91,13 @@ def test_history_renders_the_earlier_turns(runner: OvisRunner) -> None:
 def test_loops_are_cut_and_cancel_stops() -> None:
     period = [5, 6, 7]
     ids = torch.tensor([[1, 2, 3, 4] + period * 30, list(range(100, 100 + 4 + 90))])
-    hook = _StepHook(2, stop_on_repetition=True, on_step=None, cancel=None)
+    hook = StepHook(2, stop_on_repetition=True, on_step=None, cancel=None)
     assert hook(ids[:, : REPEAT_WINDOW - 1], None).tolist() == [False, False]  # not yet a full window
     assert hook(ids, None).tolist() == [True, False]
     assert hook.reason == ["repetition", None] and hook.stopped_at[0] == ids.shape[1]
     cancel = threading.Event()
     cancel.set()
-    stopped = _StepHook(2, stop_on_repetition=False, on_step=None, cancel=cancel)
+    stopped = StepHook(2, stop_on_repetition=False, on_step=None, cancel=cancel)
     assert stopped(ids, None).tolist() == [True, True] and stopped.reason == ["cancelled", "cancelled"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_templates_tokenizers import _train_bpe, gemma_tokenizer, llama3_tokenizer, qwen_path, qwen_tokenizer
+from test_templates_tokenizers import gemma_tokenizer, llama3_tokenizer, qwen_path, qwen_tokenizer, train_bpe
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -317,7 +317,7 @@ def test_header_ending_in_white_space_supervises_the_answers_first_token():
 def test_ovis_chat_prompts_such_a_model_as_it_was_trained():
     # a tokenizer with none of the fixed formats' special tokens, only its own template: chat_template
     own = PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(["<|endoftext|>"], None), eos_token="<|endoftext|>"
+        tokenizer_object=train_bpe(["<|endoftext|>"], None), eos_token="<|endoftext|>"
     )
     own.chat_template = VICUNA_TEMPLATE
     assert detect_template(own) == "chat_template"

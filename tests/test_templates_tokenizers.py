@@ -47,7 +47,7 @@ def qwen_tokenizer():
     return AutoTokenizer.from_pretrained(qwen_path())
 
 
-def _train_bpe(specials: list[str], split_regex: str | None) -> Tokenizer:
+def train_bpe(specials: list[str], split_regex: str | None) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_regex is None)]
     if split_regex is not None:
@@ -71,7 +71,7 @@ def _tokenizers_regex(pattern: str):
 def llama3_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE with Llama 3's pre-tokenizer regex and special tokens (no pad token, like Llama 3)."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(LLAMA3_SPECIALS, _LLAMA3_SPLIT),
+        tokenizer_object=train_bpe(LLAMA3_SPECIALS, _LLAMA3_SPLIT),
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
         name_or_path="test-llama3",
@@ -81,7 +81,7 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
 @functools.cache
 def gemma_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_object=_train_bpe(GEMMA_SPECIALS, None),
+        tokenizer_object=train_bpe(GEMMA_SPECIALS, None),
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",

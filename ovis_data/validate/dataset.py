@@ -74,7 +74,7 @@ FROM u
 """
 
 
-def _mark_paths(con: duckdb.DuckDBPyConnection, store: ImageStore) -> dict:
+def mark_paths(con: duckdb.DuckDBPyConnection, store: ImageStore) -> dict:
     """Reason for each image that escapes image_dir or is absent (existence as one join). Returns the
     identity of the store as checked: layout, number of images, an order-free hash of their names."""
     con.execute(_PATH_SQL)
@@ -197,7 +197,7 @@ def _check_headers(
         )
 
 
-def _fold_images_into_samples(con: duckdb.DuckDBPyConnection, with_sizes: bool) -> None:
+def fold_images_into_samples(con: duckdb.DuckDBPyConnection, with_sizes: bool) -> None:
     """A sample takes the reason of its first bad image; good samples get their image sizes."""
     sizes, lists = "", ""
     if with_sizes:
@@ -219,10 +219,10 @@ def _fold_images_into_samples(con: duckdb.DuckDBPyConnection, with_sizes: bool) 
     )
 
 
-def _mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
+def mark_duplicates(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE OR REPLACE TEMP TABLE dup AS SELECT id, min(row) AS first_row FROM meta GROUP BY id "
                 "HAVING count(*) > 1")  # fmt: skip
-    if con.execute("SELECT count(*) FROM dup").fetchall()[0][0]:  # a rewrite, not an UPDATE: see _mark_paths
+    if con.execute("SELECT count(*) FROM dup").fetchall()[0][0]:  # a rewrite, not an UPDATE: see mark_paths
         con.execute(
             """CREATE OR REPLACE TEMP TABLE meta AS
                SELECT m.* REPLACE (
@@ -323,7 +323,7 @@ def validate_dataset(
                  CASE WHEN len(images) = 0 THEN []::INTEGER[] END AS heights
                FROM meta"""
         )
-        _mark_duplicates(con)
+        mark_duplicates(con)
         image_dir = spec.image_path(root)
         if image_dir is not None and not image_dir.is_dir():
             result.error = f"image_dir_missing: {image_dir}"
@@ -337,10 +337,10 @@ def validate_dataset(
             )
         elif image_dir is not None:
             store = ImageStore(image_dir)
-            source["image_store"] = _mark_paths(con, store)
+            source["image_store"] = mark_paths(con, store)
             if mode != "meta":
                 _check_headers(con, spec, store, mode == "deep", limits, processes, progress, ray)
-            _fold_images_into_samples(con, with_sizes=mode != "meta")
+            fold_images_into_samples(con, with_sizes=mode != "meta")
         _write_outputs(con, spec, root, catalog_out, mode, source)
         result.catalog_written = True
         rows = con.execute(

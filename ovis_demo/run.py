@@ -9,16 +9,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .fetch import FetchOptions, NetParams
-from .get import GetOptions, Hub, get
-from .get.demo_hub import demo_hub
-from .get.report import summary_table as get_summary
-from .pack.stage import pack_stage
-from .pack.tokenize import bundled_qwen_tokenizer_dir
-from .registry import load_registry
-from .report.build import make_report, select_datasets
-from .validate.bad_samples_report import summary_table, write_report
-from .validate.dataset import validate_dataset
+from ovis_data.fetch import FetchOptions, NetParams
+from ovis_data.get import GetOptions, Hub, get
+from ovis_data.get.demo_hub import demo_hub
+from ovis_data.get.report import summary_table as get_summary
+from ovis_data.pack.stage import pack_stage
+from ovis_data.pack.tokenize import bundled_qwen_tokenizer_dir
+from ovis_data.registry import load_registry
+from ovis_data.report.build import make_report, select_datasets
+from ovis_data.validate.bad_samples_report import summary_table, write_report
+from ovis_data.validate.dataset import validate_dataset
 
 # Steps per stage and learning rates: a global batch of 8 samples and high rates make the tiny model's
 # loss fall within seconds on one CPU; the recipes' values (8192 / 1024 samples, 1e-4 / 2e-5) are for
@@ -83,12 +83,11 @@ def _train_and_chat(
 
 def _evaluate(out: Path, root: Path, registry: dict, seed: int, console: Console) -> None:
     """A VLMEvalKit-format bench from the stage-3 conversations, scored as `ovis-eval` scores it."""
+    from ovis_data.demo_bench import write_demo_bench
+    from ovis_data.recipes import load_recipe
     from ovis_model.eval.generate import model_answerer
     from ovis_model.eval.score import evaluate_bench
     from ovis_model.model_dir import load_for_chat
-
-    from .demo_bench import write_demo_bench
-    from .recipes import load_recipe
 
     bench = out / "demo_bench.tsv"
     specs = [registry[m.name] for m in load_recipe(3, registry).datasets]

@@ -1,4 +1,7 @@
-"""`ovis-data demo`: the whole pipeline on the built-in corpus, on one CPU, in minutes."""
+"""`ovis-data demo`: the whole pipeline on the built-in corpus, on one CPU, in minutes.
+
+Registered on `ovis-data` through the `ovis_data.commands` entry point (pyproject.toml): the demo drives
+both ovis_data and ovis_model, so it sits above them and ovis_data never imports it."""
 
 from __future__ import annotations
 
@@ -7,10 +10,11 @@ from typing import Annotated
 
 import typer
 
-from ..clikit import expect_dir_or_creatable
-from ..demo import DEMO_STEPS, run_demo
-from .app import app
-from .common import console
+from ovis_data.cli.app import app
+from ovis_data.cli.common import console
+from ovis_data.clikit import expect_dir_or_creatable
+
+from .run import DEMO_STEPS, run_demo
 
 
 @app.command("demo")
