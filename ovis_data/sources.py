@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -150,19 +151,15 @@ def _sizes(where: _Where, raw: dict, n_parts: int, key: str = "size") -> tuple[o
             raise where.error(f"'sha256' must be 64 hex digits, got {v!r}")
         return v.lower()
 
-    if isinstance(size, list):
-        if len(size) != n_parts:
-            raise where.error(f"'{key}' lists {len(size)} values for {n_parts} parts")
-        size = tuple(one_size(v) for v in size)
-    elif size is not None:
-        size = one_size(size)
-    if isinstance(sha, list):
-        if len(sha) != n_parts:
-            raise where.error(f"'sha256' lists {len(sha)} values for {n_parts} parts")
-        sha = tuple(one_sha(v) for v in sha)
-    elif sha is not None:
-        sha = one_sha(sha)
-    return size, sha
+    def per_part(value: object, name: str, one: Callable[[object], object]) -> object:
+        """One value, or a list of one per part (split archives)."""
+        if isinstance(value, list):
+            if len(value) != n_parts:
+                raise where.error(f"'{name}' lists {len(value)} values for {n_parts} parts")
+            return tuple(one(v) for v in value)
+        return None if value is None else one(value)
+
+    return per_part(size, key, one_size), per_part(sha, "sha256", one_sha)
 
 
 def _parse_file(where: _Where, raw: object, image: bool) -> SourceFile:
