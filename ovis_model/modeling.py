@@ -408,17 +408,3 @@ class Ovis(PreTrainedModel):
         """See `ovis_model.chat.chat`."""
         return chat(self, images, text, **kwargs)
 
-
-def model_summary(model: Ovis) -> dict[str, Any]:
-    """Parameter counts by part, for logs."""
-
-    def count(m: nn.Module) -> int:
-        return sum(p.numel() for p in m.parameters())
-
-    return {
-        "llm": count(model.llm),
-        "visual_tokenizer": count(model.visual_tokenizer),
-        "vte": count(model.vte),
-        "num_visual_tokens": model.num_visual_tokens,
-        "attn_implementation": model.attn_implementation,
-    }
