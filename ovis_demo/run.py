@@ -54,7 +54,7 @@ def _train_and_chat(
             "model.visual_vocab_size=64",
             "train.global_batch_samples=8",
             "train.gradient_checkpointing=false",
-            "train.num_workers=1",
+            "train.num_workers=0",  # batches read here: a worker is a fresh Python + torch, per stage
             f"train.lr={DEMO_LR[stage]}",
             "train.lr_by_family={}",
             "train.warmup_ratio=0.0",

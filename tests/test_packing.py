@@ -3,6 +3,8 @@ uses) near the optimum where best-fit decreasing is not."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -66,10 +68,16 @@ def _check(packing, lengths, images, capacity, max_images):
     assert packing.tokens == lengths.sum()
 
 
+@functools.cache
+def _dense_mix(packer):  # noqa: ANN001, ANN202 - one of PACKERS -> (lengths, images, its Packing)
+    """40,000 mixed items packed at 2048 in buffers of 8192, once per packer (tests only read it)."""
+    lengths, images = _mix(40_000)
+    return lengths, images, packer(lengths, 2048, images=images, max_images=32, buffer_size=8192, seed=3)
+
+
 @pytest.mark.parametrize("packer", PACKERS)
 def test_packs_every_item_once_within_capacity_and_dense(packer):
-    lengths, images = _mix(40_000)
-    p = packer(lengths, 2048, images=images, max_images=32, buffer_size=8192, seed=3)
+    lengths, images, p = _dense_mix(packer)
     _check(p, lengths, images, 2048, 32)
     assert p.n_packs <= np.ceil(lengths.sum() / 2048) * 1.005  # within 0.5% of the volume bound
     assert p.fill >= 0.99
@@ -141,12 +149,12 @@ def test_pack_lengths_is_near_the_optimum_on_a_perfectly_packable_mix(capacity, 
 
 
 def test_pack_lengths_holds_only_items_of_one_buffer_and_the_one_before():
-    # Poor packs of a buffer are carried into the next one (at most once), never further.
-    lengths, images = _mix(20_000, seed=4)
-    p = pack_lengths(lengths, 2048, images=images, max_images=32, buffer_size=2000, seed=5)
+    # Poor packs of a buffer are carried into the next one (at most once), never further. The packing of
+    # the test above (5 buffers of 8192), read again: its LP prices are ~90% of a pack_lengths call.
+    lengths, _, p = _dense_mix(pack_lengths)
     position = np.empty(len(lengths), dtype=np.int64)
-    position[np.random.default_rng(5).permutation(len(lengths))] = np.arange(len(lengths))
-    buffer = position // 2000
+    position[np.random.default_rng(3).permutation(len(lengths))] = np.arange(len(lengths))
+    buffer = position // 8192
     first = np.minimum.reduceat(buffer[p.order], p.offsets[:-1])
     last = np.maximum.reduceat(buffer[p.order], p.offsets[:-1])
     assert (last - first <= 1).all() and (last - first == 1).any()

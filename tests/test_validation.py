@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from test_train import FAST, REPO, free_port, ovis_train, train_env
+from test_train import FAST_IN_PROCESS, REPO, free_port, ovis_train, train_env
 
 from ovis_data.pack.holdout import holdout_draws
 from ovis_data.pack.stage import pack_stage
@@ -105,7 +105,7 @@ def test_training_logs_val_loss_keeps_the_best_and_reports_mfu(packed: Path, par
     p = ovis_train(
         "--stage", "1", "--data", str(packed), "--out", str(tmp_path), "--llm", str(llm), "--vit", str(vit),
         "--max-steps", "4", "--set", "train.eval_every=2", "--set", "train.keep_best=true",
-        "--set", "train.peak_tflops=0.5", "--set", 'trainable=["all"]', *FAST,
+        "--set", "train.peak_tflops=0.5", "--set", 'trainable=["all"]', *FAST_IN_PROCESS,
     )  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     run = tmp_path / "stage1"
@@ -134,7 +134,7 @@ def test_a_run_without_a_val_split_says_so_once(packed: Path, parts, tmp_path: P
     llm, vit = parts
     p = ovis_train(
         "--stage", "1", "--data", str(data), "--out", str(tmp_path / "run"), "--llm", str(llm),
-        "--vit", str(vit), "--max-steps", "2", "--set", "train.eval_every=1", *FAST,
+        "--vit", str(vit), "--max-steps", "2", "--set", "train.eval_every=1", *FAST_IN_PROCESS,
     )  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert (p.stdout + p.stderr).count("no validation split") == 1
@@ -152,7 +152,7 @@ def test_two_ranks_zero3_val_loss_covers_the_whole_split(packed: Path, parts, tm
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ovis_model.train",
            "--stage", "1", "--data", str(packed), "--out", str(tmp_path), "--llm", str(llm),
            "--vit", str(vit), "--max-steps", "2", "--set", "deepspeed=zero3.json",
-           "--set", 'trainable=["all"]', "--micro-batch-tokens", "300", *FAST[:-2]]  # fmt: skip
+           "--set", 'trainable=["all"]', "--micro-batch-tokens", "300", *FAST_IN_PROCESS[:-2]]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "stage1" / "summary.json").read_text())

@@ -107,7 +107,7 @@ def pack_stage(
     }
     # the vocabulary as loaded, which is what tokenized: transformers may add tokens the files lack
     # (a Qwen2 LLM folder's tokenizer gains <|endoftext|>), and the trainer compares the loaded one too
-    identity = {**tokenizer_identity(tok_path), "vocab_sha256": vocab_identity(tok)}
+    identity = tokenizer_identity(tok_path, vocab_sha256=vocab_identity(tok))
     inputs = _inputs(cfg, recipe, identity["sha256"], catalogs, caption_templates)
     if holdout:  # only then: a stage packed without one keeps its inputs' hash
         inputs["holdout"] = holdout

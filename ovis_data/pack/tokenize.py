@@ -132,11 +132,13 @@ def bundled_qwen_tokenizer_dir() -> Path:
     return Path(spec.origin).parent / "tokenizer_files"
 
 
-def tokenizer_identity(path: str | Path) -> dict[str, str]:
+def tokenizer_identity(path: str | Path, vocab_sha256: str | None = None) -> dict[str, str]:
     """Name, files hash and vocabulary hash of a tokenizer directory, so shards name their vocabulary.
 
     `sha256` covers the files (sorted by name) byte for byte; `vocab_sha256` covers only what maps text to
-    ids (`vocabulary_sha256`), so it survives `save_pretrained`, which rewrites the files."""
+    ids (`vocabulary_sha256`), so it survives `save_pretrained`, which rewrites the files. A caller that
+    has the vocabulary's hash already (`vocab_identity` of the loaded tokenizer) passes it: the file's
+    would be parsed and hashed again for nothing (a second or so for a 151k vocabulary)."""
     root = Path(path)
     files = sorted(p for p in root.iterdir() if p.is_file()) if root.is_dir() else [root]
     h = hashlib.sha256()
@@ -145,7 +147,9 @@ def tokenizer_identity(path: str | Path) -> dict[str, str]:
         h.update(hashlib.sha256(p.read_bytes()).digest())
     files_sha = h.hexdigest()
     tokenizer_json = root / "tokenizer.json" if root.is_dir() else root
-    vocab_sha = vocabulary_sha256(tokenizer_json) if tokenizer_json.name == "tokenizer.json" else None
+    vocab_sha = vocab_sha256
+    if vocab_sha is None and tokenizer_json.name == "tokenizer.json":
+        vocab_sha = vocabulary_sha256(tokenizer_json)
     return {"name": root.name, "path": str(root), "sha256": files_sha, "vocab_sha256": vocab_sha or files_sha}
 
 
