@@ -13,6 +13,8 @@ empty caption. A second dataset, coyo-10m-absent, reads the same meta file again
 Each run is `ovis-data ...` as a subprocess; peak RSS is that of its whole process tree (main process,
 forkserver and workers summed, polled every 50 ms), so workers' shared pages count once per process.
 `--src DIR` runs another copy of the package (DIR/ovis_data), e.g. the code before a change.
+At the end: each run's CPU-seconds ratio between consecutive sizes (issue 20: pack at 10M rows within 11x
+its 1M CPU seconds) and its largest peak RSS.
 """
 
 from __future__ import annotations
