@@ -13,6 +13,8 @@ empty caption. A second dataset, coyo-10m-absent, reads the same meta file again
 Each run is `ovis-data ...` as a subprocess; peak RSS is that of its whole process tree (main process,
 forkserver and workers summed, polled every 50 ms), so workers' shared pages count once per process.
 `--src DIR` runs another copy of the package (DIR/ovis_data), e.g. the code before a change.
+At the end: each run's CPU-seconds ratio between consecutive sizes (issue 20: pack at 10M rows within 11x
+its 1M CPU seconds) and its largest peak RSS.
 """
 
 from __future__ import annotations
@@ -183,6 +185,23 @@ def command(run: str, root: Path, info_path: Path, out: Path) -> list[str]:
     return [*base, "validate", "coyo-10m", *common, *mode, "--report", str(out / "report.json")]
 
 
+def print_growth(figures: dict[str, dict[int, tuple]], sizes: list[int]) -> None:
+    """How each run's CPU seconds grew with the rows, between consecutive sizes (issue 20: pack at 10M rows
+    at most 11x its CPU seconds at 1M), and its largest peak RSS (target <= 2 GB). CPU seconds, not wall:
+    other jobs on the cores stretch the wall time more than the CPU time."""
+    print("\nCPU seconds between sizes (a ratio at most the rows' ratio: linear or better):")
+    for run, by_rows in figures.items():
+        done = [n for n in sizes if n in by_rows and by_rows[n][2] in (0, 1)]  # finished runs only
+        for small, large in zip(done, done[1:], strict=False):
+            ratio = by_rows[large][3] / max(by_rows[small][3], 1e-9)
+            print(
+                f"  {run:16s} {large:>11,} / {small:,} rows ({large / small:.1f}x the rows): "
+                f"{ratio:.2f}x the CPU seconds ({by_rows[small][3]:,.0f} -> {by_rows[large][3]:,.0f})"
+            )
+        if done:
+            print(f"  {run:16s} largest peak RSS: {max(by_rows[n][0] for n in done):,.0f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -235,6 +254,7 @@ def main() -> None:
             for n in sizes
         ]
         print(f"| {run} | " + " | ".join(cells) + " |")
+    print_growth(figures, sizes)
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({"src": str(args.src), "figures": figures}) + "\n")

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .arrowmap import MappedArrow
+from .arrowmap import ArrowRows
 from .storage import AnyPath, RemotePath, open_binary, read_parquet, write_parquet
 from .storage import read_range as _read_range
 
@@ -82,7 +82,7 @@ class ImageStore:
         self._index: pa.Table | None = None
         self._batches: list[pa.RecordBatch] = []
         self._firsts: list[str] = []
-        self._mapped: MappedArrow | None = None  # the index, when map_index gave it
+        self._mapped: ArrowRows | None = None  # the index, when map_index gave it
         self._tars: dict[str, BinaryIO] = {}  # open tars of a local shards store, by name
 
     # -- listing ------------------------------------------------------------------------------------
@@ -150,15 +150,10 @@ class ImageStore:
 
     def map_index(self, path: Path) -> None:
         """Look images up in `path`, this store's index sorted as load_index sorts it and saved as an
-        Arrow file, memory-mapped: its pages are the kernel's cache, shared by every process that reads,
-        and let go with this store (pack's workers map it per shard), not a copy loaded by each."""
-        self._mapped = MappedArrow(path)
-        self._use_index(self._mapped.table)
-
-    def trim(self) -> None:
-        """Let go of the mapped index pages this process has touched (see arrowmap)."""
-        if self._mapped is not None:
-            self._mapped.trim()
+        Arrow file, read by pread (arrowmap.ArrowRows.find_first: a path every 256 rows in memory, one
+        block of rows read per lookup): its pages are the kernel's cache, shared by every process that
+        reads, not a copy loaded by each, and a lookup costs the same whatever the index's size."""
+        self._mapped = ArrowRows(path, ["image_path", "tar", "offset", "size"])
 
     def _use_index(self, table: pa.Table) -> None:
         # Searched batch by batch: the first path of each, then a bisection inside one batch (a
@@ -170,6 +165,12 @@ class ImageStore:
     def read_bytes(self, image_path: str) -> bytes:
         if self.layout == "files":
             return self.file_path(image_path).read_bytes()
+        if self._mapped is not None:
+            row = self._mapped.find_first("image_path", image_path)
+            if row is None:
+                raise FileNotFoundError(f"{image_path!r} not in {self.image_dir / INDEX_NAME}")
+            tar, offset, size = self._mapped.read(row, ("tar", "offset", "size"))
+            return self._read_member(tar, offset, size)
         if self._index is None:
             # Kept as Arrow, sorted by path, and searched by bisection: a 10M-image index costs its
             # Arrow bytes, not a dict of ten million Python objects, in every worker that reads.
@@ -185,6 +186,9 @@ class ImageStore:
             raise FileNotFoundError(f"{image_path!r} not in {self.image_dir / INDEX_NAME}")
         batch = self._batches[k]
         tar, offset, size = (batch.column(c)[i].as_py() for c in ("tar", "offset", "size"))
+        return self._read_member(tar, offset, size)
+
+    def _read_member(self, tar: str, offset: int, size: int) -> bytes:
         if isinstance(self.image_dir, RemotePath):
             return read_range(self.image_dir / tar, offset, size)
         f = self._tars.get(tar)

@@ -484,7 +484,7 @@ def test_recipe_visual_tokens_and_image_size_must_be_positive_integers(tmp_path:
 
 def test_a_shards_store_packs_to_the_same_bytes_as_its_files(root: Path, tmp_path: Path, monkeypatch):
     """coyo-10m's images in the shards layout, as fetch writes them: the shard writers look them up in a
-    memory-mapped copy of the sorted index (never the 10M-row index loaded in each worker) and write the
+    sorted copy of the index read by pread (never the 10M-row index loaded in each worker) and write the
     very bytes the files layout gives."""
     recipe = write_recipe(tmp_path, 1, {"coyo-10m": 1.0}, 1024)
     spec = load_registry()["coyo-10m"]

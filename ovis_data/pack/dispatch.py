@@ -90,7 +90,7 @@ def run_tasks(
 def _ray_task(fn: Callable, init: tuple, run: str, *args: Any) -> Any:
     """One pack task in a Ray worker: the worker state is set up once per pack run (`run`: a token unique
     to it, so a second run with the same settings in a long-lived worker never reuses the first one's
-    memory maps of work files), as a pool's initializer does, then kept for the tasks that follow."""
+    open work files), as a pool's initializer does, then kept for the tasks that follow."""
     if _worker is None or _worker.ray_run != run:
         _init_worker(*init)
         _worker.ray_run = run

@@ -366,7 +366,7 @@ def _pull_state(remote: RemotePath, local: Path) -> None:
 
 def _map_indexes(cfg: PackConfig) -> None:
     """For each local shards store, its index as load_index orders it (by image_path, then as stored),
-    saved as an Arrow file that the shard writers memory-map: a 10M-image index is read and sorted once,
+    saved as an Arrow file that the shard writers read by pread: a 10M-image index is read and sorted once,
     by DuckDB under its memory limit, instead of loaded and sorted in every worker. Rewritten each run
     (the store may have changed); object stores keep load_index in each worker."""
     from ..duck import bounded_connection  # DuckDB: imported by the main process only

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tokenizers import Tokenizer
 
-from ..arrowmap import MappedArrow
+from ..arrowmap import ArrowRows
 from ..constants import IGNORE_ID
 from ..imagestore import ImageStore
 from ..interrupt import removed_on_failure
@@ -30,7 +30,6 @@ from .tokenize import SampleEncoder, load_tokenizer
 
 TOKENIZE_BATCH = 4096
 WORK = ".work"
-TRIM_EVERY_PACKS = 50  # mapped pages let go this often (10M captions: a worker then peaks at ~600 MiB RSS)
 
 UNIT_SCHEMA = pa.schema(
     [
@@ -94,35 +93,17 @@ def mapped_index_path(cfg: PackConfig, dataset: str) -> Path:
 
 
 class _UnitReader:
-    """Random access to one unit's samples through a memory map (no copy of the tokens)."""
+    """Random access to one unit's samples, by pread (arrowmap.ArrowRows): a read costs the same whatever
+    the unit's size and maps nothing, so a worker's memory does not grow with what it read."""
+
+    COLUMNS = ("row", "id", "images", "ids", "sup")
 
     def __init__(self, path: str):
-        self._map = MappedArrow(path)
-        self.table = self._map.table
-        self.batches = []
-        starts = [0]
-        for b in self.table.to_batches():
-            ids, sup = b.column("ids"), b.column("sup")
-            self.batches.append(
-                (b, ids.offsets.to_numpy(), ids.values.to_numpy(), sup.values.to_numpy().view(np.bool_))
-            )
-            starts.append(starts[-1] + b.num_rows)
-        self.starts = np.asarray(starts)
+        self._rows = ArrowRows(path, list(self.COLUMNS))
 
     def sample(self, i: int) -> tuple[dict, np.ndarray, np.ndarray]:
-        k = int(np.searchsorted(self.starts, i, "right")) - 1
-        b, offsets, values, sup = self.batches[k]
-        j = i - int(self.starts[k])
-        a, z = offsets[j], offsets[j + 1]
-        meta = {
-            "row": b.column("row")[j].as_py(),
-            "id": b.column("id")[j].as_py(),
-            "images": b.column("images")[j].as_py() or [],
-        }
-        return meta, values[a:z], sup[a:z]
-
-    def trim(self) -> None:
-        self._map.trim()
+        row, id_, images, ids, sup = self._rows.read(i, self.COLUMNS)
+        return {"row": row, "id": id_, "images": images or []}, ids, sup.view(np.bool_)
 
 
 class PackWorker:
@@ -211,24 +192,6 @@ class PackWorker:
                 stores[dataset].map_index(mapped)
         return stores[dataset]
 
-    def _release_mappings(self) -> None:
-        """Let go of the memory maps one shard touched (units' tokens, mapped indexes): a shard reads its
-        samples from all over them, so kept, they would bring every page of them into this process's
-        resident memory, 10M samples' worth; mapped again for the next shard, they cost a few milliseconds."""
-        self.readers.clear()
-        stores = self.stores
-        for dataset in [d for d in stores if mapped_index_path(self.cfg, d).exists()]:
-            stores.pop(dataset).close()
-
-    def _trim_mappings(self) -> None:
-        """Let go of the mapped pages read so far (see arrowmap), keeping the maps: random reads map 64 KiB
-        around each touch, so a whole shard's reads would hold ~1 GB per worker at 10M samples."""
-        for reader in self.readers.values():
-            reader.trim()
-        for store in self.stores.values():
-            if store is not None:
-                store.trim()
-
     def write_shard(self, index: int, pack_sizes: np.ndarray, samples: np.ndarray) -> dict:
         cfg, units, bases, readers = self.cfg, self.units, self.bases, self.readers
         name = shard_name(cfg.stage, index)
@@ -240,8 +203,6 @@ class PackWorker:
             pos = 0
             for p, size in enumerate(pack_sizes.tolist()):
                 ids_parts, sup_parts, lengths, jpgs, prov = [], [], [], [], []
-                if p and p % TRIM_EVERY_PACKS == 0:
-                    self._trim_mappings()
                 for g in samples[pos : pos + size].tolist():
                     u = int(np.searchsorted(bases, g, "right")) - 1
                     if u not in readers:
@@ -293,8 +254,6 @@ class PackWorker:
         except BaseException:
             writer.abort()
             raise
-        finally:
-            self._release_mappings()
         if cfg.publish is not None:  # object storage: the whole tar in one PUT, then its stats beside it
             remote = as_path(cfg.publish)
             (remote / name).put_file(writer.path)
