@@ -14,10 +14,10 @@ One step = forward, backward and an AdamW step on that micro-batch, in a fresh p
 process's peak minus its resident set just before the step, i.e. what the step adds).
 
 - dense: attention "sdpa" with the `[L, L]` block mask, LM loss and visual head unchunked (today's path);
-- chunked: attention "sdpa_segments" (per segment), chunked LM loss and visual head recomputed in
-  backward (`--paths dense,chunked,new`; the CPU default before ovis_model/visual_head.py);
-- new: the default: "sdpa_segments", the chunked LM loss, and on a CPU the visual head as one tiled,
-  attention-shaped product (ovis_model/visual_head.py).
+- chunked: attention "sdpa_segments" (per segment), LM loss and visual head in chunks recomputed in
+  backward (`--paths dense,chunked,new`; the CPU default before the tiles);
+- new: the default: "sdpa_segments", and on a CPU the LM loss and the visual head in cache-sized tiles
+  (ovis_model/tiled_loss.py, ovis_model/visual_head.py).
 
 A configuration whose estimate (`ovis_model.train.memory`) exceeds 80% of the available memory is not run
 (it would meet the OOM killer): the table shows the estimate instead. Results: the table on stdout and
@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> None:
     )  # fmt: skip
     if path["chunks"] is None:
         model.loss_chunk_elements = model.visual_chunk_elements = None
-    model.visual_tiles = path.get("tiles", True)
+    model.tiles = path.get("tiles", True)
     select_trainable(model, STAGE1_TRAINABLE)
     cuda = args.device == "cuda"
     model.to(args.device).train()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .constants import IGNORE_INDEX
+from .tiled_loss import tileable, tiled_lm_loss_sum
 from .visual_head import fusable, tiled_soft_embeddings
 
 # elements of one chunk's widest tensor: 2**24 floats = 64 MiB in fp32 (a few such tensors live at once)
@@ -62,9 +63,12 @@ def lm_loss_sum(
     targets: torch.Tensor,
     softcap: float | None = None,
     chunk_elements: int | None = CHUNK_ELEMENTS,
+    tiled: bool = True,
 ) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` `[N, vocab]` against `targets` `[N]` (no IGNORE_INDEX left),
-    in float32, without ever holding all N rows of logits. `chunk_elements=None`: the plain computation."""
+    in float32, without ever holding all N rows of logits. `chunk_elements=None`: the plain computation. On
+    a CPU a plain linear head goes through ovis_model.tiled_loss (cache-sized tiles) unless `tiled` is
+    False."""
 
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = head(h)
@@ -77,6 +81,8 @@ def lm_loss_sum(
     fused = _liger_loss(head, hidden, targets, softcap)
     if fused is not None:
         return fused
+    if tiled and tileable(head, hidden, softcap):
+        return tiled_lm_loss_sum(head, hidden, targets)
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # (ZeRO-3: the weight is a partition)
     chunk = rows_per_chunk(vocab, chunk_elements)
     recompute = _needs_graph(hidden, head)

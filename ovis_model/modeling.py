@@ -101,7 +101,9 @@ class Ovis(PreTrainedModel):
         # in one piece (the reference the chunked paths are tested against)
         self.loss_chunk_elements: int | None = CHUNK_ELEMENTS
         self.visual_chunk_elements: int | None = CHUNK_ELEMENTS
-        self.visual_tiles = True  # a softmax head on a CPU: ovis_model.visual_head's tiles (False: chunks)
+        # on a CPU the LM loss and a softmax visual head run in cache-sized tiles (ovis_model.tiled_loss,
+        # ovis_model.visual_head); False: the chunks above
+        self.tiles = True
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -147,7 +149,7 @@ class Ovis(PreTrainedModel):
         """
         features = self.visual_tokenizer.encode(pixel_values)
         embeds = soft_visual_embeddings(
-            self.visual_tokenizer, self.vte, features, self.visual_chunk_elements, self.visual_tiles
+            self.visual_tokenizer, self.vte, features, self.visual_chunk_elements, self.tiles
         )
         if self.config.visual_tokenizer_config.use_indicators:
             v = self.config.visual_tokenizer_config.vocab_size
@@ -274,6 +276,7 @@ class Ovis(PreTrainedModel):
                 targets[supervised],
                 getattr(self.llm.config, "final_logit_softcapping", None),
                 self.loss_chunk_elements,
+                self.tiles,
             )
         n_tokens = supervised.sum()
         normalizer = loss_normalizer if loss_normalizer is not None else n_tokens.clamp(min=1)

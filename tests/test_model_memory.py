@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from test_train import FAST, ovis_train
 from test_train import packed as packed  # noqa: F401 - fixtures shared with the trainer's tests
 from test_train import parts as parts  # noqa: F401
@@ -17,6 +18,7 @@ from test_train import tokenizer_dir as tokenizer_dir  # noqa: F401
 
 from ovis_model.batching import collate_packed
 from ovis_model.chunked import lm_loss_sum, rows_per_chunk, soft_visual_embeddings
+from ovis_model.tiled_loss import tileable, tiled_lm_loss_sum
 from ovis_model.tiny import random_packed_record, tiny_ovis
 from ovis_model.train.memory import Shapes, estimate_bytes, largest_fitting
 from ovis_model.visual_head import fusable, tiled_soft_embeddings
@@ -26,9 +28,13 @@ def _grads(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.grad.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize(("softcap", "tiled"), [(None, True), (None, False), (30.0, False)])
 @pytest.mark.parametrize("frozen_head", [False, True])
-def test_chunked_lm_loss_equals_plain_with_gradients(softcap: float | None, frozen_head: bool) -> None:
+def test_chunked_lm_loss_equals_plain_with_gradients(
+    softcap: float | None, tiled: bool, frozen_head: bool
+) -> None:
+    """The checkpointed chunks (with and without a softcap) and, for a plain head on a CPU, the tiles: the
+    loss and its gradients equal the plain cross-entropy's."""
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 97, bias=False)
     head.weight.requires_grad_(not frozen_head)
@@ -37,7 +43,7 @@ def test_chunked_lm_loss_equals_plain_with_gradients(softcap: float | None, froz
     results = []
     for chunk_elements in (None, 97 * 8):  # plain; 8 rows per chunk (7 chunks, the last partial)
         hidden.grad = head.weight.grad = None
-        loss = lm_loss_sum(head, hidden, targets, softcap, chunk_elements)
+        loss = lm_loss_sum(head, hidden, targets, softcap, chunk_elements, tiled=tiled)
         loss.backward()
         weight_grad = None if frozen_head else head.weight.grad.clone()
         results.append((loss.detach(), hidden.grad.clone(), weight_grad))
@@ -77,6 +83,30 @@ def test_chunked_visual_head_equals_plain_with_gradients(tokenize: str, tiled: b
     assert torch.allclose(out1, out0, atol=1e-5)
     for a, b in zip(g1, g0, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_tiled_lm_loss_over_many_tiles() -> None:
+    """Rows and words over several partial tiles, logits far from 0, repeated targets: the loss and the
+    gradients of hidden and head equal F.cross_entropy's."""
+    torch.manual_seed(12)
+    head = torch.nn.Linear(8, 97, bias=False)
+    with torch.no_grad():
+        head.weight.mul_(6.0)
+    hidden = torch.randn(23, 8, requires_grad=True)
+    targets = torch.tensor([5, 5, 96, 0] * 5 + [40, 41, 5])
+    results = []
+    for compute in (
+        lambda: F.cross_entropy(head(hidden), targets, reduction="sum"),
+        lambda: tiled_lm_loss_sum(head, hidden, targets, tile=(4, 16)),
+    ):
+        hidden.grad = head.weight.grad = None
+        loss = compute()
+        (loss * 0.7).backward()
+        results.append((loss.detach(), hidden.grad.clone(), head.weight.grad.clone()))
+    (l0, gh0, gw0), (l1, gh1, gw1) = results
+    assert l1.item() == pytest.approx(l0.item(), rel=1e-6)
+    assert torch.allclose(gh1, gh0, atol=1e-5) and torch.allclose(gw1, gw0, atol=1e-5)
+    assert tileable(head, hidden, None) and not tileable(head, hidden, 30.0)
 
 
 @pytest.mark.parametrize("affine", [True, False])
