@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .constants import IGNORE_INDEX
 from .tiled_loss import tileable, tiled_lm_loss_sum
+from .tiles import zero3_partitioned
 from .visual_head import fusable, tiled_soft_embeddings
 
 # elements of one chunk's widest tensor: 2**24 floats = 64 MiB in fp32 (a few such tensors live at once)
@@ -99,7 +100,7 @@ def _liger_loss(
 ) -> torch.Tensor | None:
     """Liger's fused linear-cross-entropy (Triton, CUDA) where installed; None elsewhere. Not under ZeRO-3,
     whose head weight is a gathered-on-call partition (the chunked path calls the module instead)."""
-    if not hidden.is_cuda or hasattr(head.weight, "ds_id") or not isinstance(head, torch.nn.Linear):
+    if not hidden.is_cuda or zero3_partitioned(head) or not isinstance(head, torch.nn.Linear):
         return None
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .visual_head import TILE_COLS, TILE_ROWS
+from .tiles import TILE_COLS, TILE_ROWS, zero3_partitioned
 
 
 class TiledLinearCrossEntropy(torch.autograd.Function):
@@ -82,7 +82,7 @@ def tileable(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> bo
         and not softcap
         and isinstance(head, nn.Linear)
         and head.bias is None
-        and not hasattr(head.weight, "ds_id")
+        and not zero3_partitioned(head)
     )
 
 

@@ -23,9 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# One `[rows, cols]` score tile (and its gradient) stays within a core's L2 cache: 512 x 512 floats = 1 MiB.
-TILE_ROWS = 512
-TILE_COLS = 512
+from .tiles import TILE_COLS, TILE_ROWS, zero3_partitioned
 
 
 class TileSoftmaxProduct(torch.autograd.Function):
@@ -105,7 +103,7 @@ def fusable(head: nn.Module, tokenize_function: str, features: torch.Tensor) -> 
         isinstance(linear, nn.Linear)
         and linear.bias is None
         and isinstance(norm, nn.LayerNorm)
-        and not any(hasattr(p, "ds_id") for p in head.parameters())
+        and not zero3_partitioned(head)
     )
 
 
