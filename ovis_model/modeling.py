@@ -33,9 +33,11 @@ from .embedding import VisualEmbedding
 from .preprocess import CONFIG_NAME as IMAGE_PROCESSOR_CONFIG
 from .preprocess import OvisImageProcessor
 from .prompt import detect_template
+from .segment_attention import register as register_segment_attention
 from .visual_tokenizer import VisualTokenizer, backbone_has_cls
 
 log = logging.getLogger(__name__)
+register_segment_attention()  # `sdpa_segments` is a valid attn_implementation wherever Ovis is
 
 
 @dataclass
@@ -410,4 +412,3 @@ class Ovis(PreTrainedModel):
     def chat(self, images: Any, text: str, **kwargs: Any) -> Any:
         """See `ovis_model.chat.chat`."""
         return chat(self, images, text, **kwargs)
-

@@ -41,6 +41,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     img = Image.open(io.BytesIO(data))
     return np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
 
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # SigLIP's normalization

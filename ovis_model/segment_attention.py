@@ -1,12 +1,14 @@
 """Per-segment attention for packed micro-batches: SDPA over each sub-sample, never an L x L mask.
 
 Registered with transformers as the attention implementation `sdpa_segments` (the CPU default, see
-`ovis_model.attention`). The LLM's forward receives `segment_windows` (a keyword transformers passes through
-to the attention function): per row, the spans `(start, end, mask)` that attention stays inside. A window is
-one segment, causal, with no mask at all; or a run of consecutive short segments, grouped so that a
-micro-batch of many tiny sub-samples does not cost one kernel call each, with a small `[w, w]`
-block-causal mask. Memory then follows the sum of the windows' squares (at most WINDOW² per window beyond
-the longest segment's), where a dense mask follows the micro-batch's square.
+`ovis_model.attention`) by `register()`, which `ovis_model.modeling` calls on import: this module does not
+import transformers itself, so the loader's workers, which collate through `ovis_model.batching`, start
+without it (~3 s of imports per worker). The LLM's forward receives `segment_windows` (a keyword
+transformers passes through to the attention function): per row, the spans `(start, end, mask)` that
+attention stays inside. A window is one segment, causal, with no mask at all; or a run of consecutive short
+segments, grouped so that a micro-batch of many tiny sub-samples does not cost one kernel call each, with a
+small `[w, w]` block-causal mask. Memory then follows the sum of the windows' squares (at most WINDOW² per
+window beyond the longest segment's), where a dense mask follows the micro-batch's square.
 """
 
 from __future__ import annotations
@@ -109,6 +111,3 @@ def register() -> None:
 
     AttentionInterface.register(SEGMENT_ATTENTION, segment_attention_forward)
     AttentionMaskInterface.register(SEGMENT_ATTENTION, sdpa_mask)
-
-
-register()

@@ -153,7 +153,7 @@ def lock_run(run_dir: Path, say) -> RunLock | None:  # noqa: ANN001 - say: print
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """torchrun / deepspeed launchers set RANK etc.; a plain `ovis-train` runs as a world of one."""
-    from .opcache import build_cpu_op, extensions_dir
+    from .opcache import extensions_dir, skip_cpu_comm_op
 
     extensions_dir()  # DeepSpeed's JIT-built ops go to this environment's cache (unless the user chose one)
     import deepspeed
@@ -170,7 +170,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         os.environ.setdefault("MASTER_PORT", str(port))
     cuda = torch.cuda.is_available()
     if not cuda:
-        build_cpu_op()  # this environment's op cache, in turn, never waiting on a killed build's lock
+        skip_cpu_comm_op()  # its only use is tensor-parallel inference: no minute of C++ build at first start
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
