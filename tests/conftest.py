@@ -4,6 +4,8 @@ of its error line, the rest skip the ~2-10 s of imports a process pays)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -12,8 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from ovis_data.demo_corpus import build_demo_corpus
-from ovis_data.fetch import serve_directory
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the two cores: one thread each and in each process they start (set before torch is
+    # imported here); the trainer's own processes run with one already (test_train.train_env)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from ovis_data.demo_corpus import build_demo_corpus  # noqa: E402 - after the thread count
+from ovis_data.fetch import serve_directory  # noqa: E402
 
 # Test modules by their measured time (`--durations=0`), heaviest first: xdist hands whole modules to its
 # workers in collection order, so the long ones start first and the short ones fill the gaps at the end
@@ -82,6 +89,36 @@ def call(
         _main(prog)()
     out, err = capsys.readouterr()
     return int(done.value.code or 0), out, err
+
+
+# the variables a one-rank `ovis-train` sets for its world of one (ovis_model/train/setup.py)
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def train_here(*args: str) -> subprocess.CompletedProcess:
+    """`ovis-train args` in this process, for one-rank runs whose claim is not about the process (signals,
+    ranks, exit at interpreter teardown, peak memory keep real ones): torch, DeepSpeed and transformers are
+    imported once per test process instead of once per run, ~6 s of a 3-step run's ~7. Its rank variables
+    and process group are gone afterwards, as they would be with the process."""
+    from ovis_model.train.cli import main
+    from ovis_model.train.setup import close_distributed
+
+    for key in RANK_VARIABLES:
+        os.environ.pop(key, None)
+    argv, out, err = sys.argv, io.StringIO(), io.StringIO()
+    sys.argv = ["ovis-train", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as done:
+        code = int(done.code or 0)
+    finally:
+        sys.argv = argv
+        close_distributed()  # a refused run leaves its group up, as its process would until it exits
+        for key in RANK_VARIABLES:
+            os.environ.pop(key, None)
+    return subprocess.CompletedProcess(["ovis-train", *args], code, out.getvalue(), err.getvalue())
 
 
 def one_line_error(result: tuple[int, str, str], *named: str) -> str:

@@ -1,23 +1,20 @@
 """docs/own-datasets.md as a user runs it: the example's dataset_info.json, meta files, images and recipe
-(docs/examples/own-datasets/), registered, listed, validated, packed and trained: `ovis-train` a real
-process, the `ovis-data` commands through their entry point in this process (test_cli runs that one as a
-process). Only the tiny model's geometry and CPU-sized training settings are added to the documented
-commands (a tiny Ovis stands in for RUN/stage3/model; its tokenizer is a 600-token BPE with Llama 3's
-special tokens, as in test_train.py).
+(docs/examples/own-datasets/), registered, listed, validated, packed and trained, `ovis-data` and
+`ovis-train` through their entry points in this process (test_cli and test_train run them as processes).
+Only the tiny model's geometry and CPU-sized training settings are added to the documented commands (a tiny
+Ovis stands in for RUN/stage3/model; its tokenizer is a 600-token BPE with Llama 3's special tokens, as in
+test_train.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import call
+from conftest import call, train_here
 from test_templates_tokenizers import llama3_tokenizer, save
 
 from ovis_model.modeling import Ovis
@@ -26,14 +23,6 @@ from ovis_model.tiny import write_tiny_parts
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "own-datasets"
 MINE = ["--recipe", "my_recipe.toml", "--dataset-info", "my_info.json"]
-
-
-def _train_env() -> dict:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def test_own_datasets_register_validate_pack_train(
@@ -84,17 +73,10 @@ def test_own_datasets_register_validate_pack_train(
     assert manifest["template"]["captions"] == {"my-photo-captions": "<image>\nPhoto description: "}
 
     cpu = ["--max-steps", "3", "--micro-batch-tokens", "256", "--set", "train.global_batch_samples=4",
-           "--set", "train.num_workers=1", "--set", "train.gradient_checkpointing=false",
+           "--set", "train.num_workers=0", "--set", "train.gradient_checkpointing=false",
            "--set", "train.lr=0.003"]  # fmt: skip
-    ovis_train = [sys.executable, "-m", "ovis_model.train"]  # what the `ovis-train` script runs
-    trained = subprocess.run(
-        [*ovis_train, *MINE, "--data", "packed", "--out", "run", "--init", str(model), *cpu],
-        capture_output=True,
-        text=True,
-        env=_train_env(),
-        cwd=work,
-        timeout=600,
-    )
+    # in this process (the loader's workers and a real process: test_train, test_loader)
+    trained = train_here(*MINE, "--data", "packed", "--out", "run", "--init", str(model), *cpu)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     run = work / "run" / "stage4"
     config = json.loads((run / "config.json").read_text())

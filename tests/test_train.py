@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import call, one_line_error
+from conftest import call, one_line_error, train_here
 from safetensors.torch import load_file
 from test_templates_tokenizers import llama3_tokenizer, save
 
@@ -133,7 +133,7 @@ def test_stages_chain_with_the_recipes_freezing(
     run = tmp_path / "run"
     shutil.copytree(stage1_run / "stage1", run / "stage1")  # stages 2 and 3 write beside it
     for stage in (2, 3):
-        p = ovis_train(
+        p = train_here(
             "--stage", str(stage), "--data", str(packed), "--out", str(run), "--max-steps", "3",
             *FAST_IN_PROCESS,
         )  # fmt: skip

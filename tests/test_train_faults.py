@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import call
-from test_train import FAST, ovis_train, parts, tokenizer_dir, train_env  # noqa: F401 - fixtures
+from conftest import call, train_here
+from test_train import FAST, FAST_IN_PROCESS, ovis_train, parts, tokenizer_dir, train_env  # noqa: F401 - fixtures
 
 from ovis_data.pack.stage import pack_stage
 from ovis_model.train import ckpt_manifest
@@ -47,16 +47,21 @@ def packed1(data_root: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.
     return out
 
 
-def _common(packed: Path, parts: tuple[Path, Path], steps: int) -> list[str]:
+def _common(packed: Path, parts: tuple[Path, Path], steps: int, fast: list[str] = FAST) -> list[str]:
     return ["--stage", "1", "--data", str(packed), "--llm", str(parts[0]), "--vit", str(parts[1]),
-            "--max-steps", str(steps), "--set", "train.save_every=1", *FAST]  # fmt: skip
+            "--max-steps", str(steps), "--set", "train.save_every=1", *fast]  # fmt: skip
+
+
+def _here(packed: Path, parts: tuple[Path, Path], steps: int) -> list[str]:
+    """_common for a run in this process (train_here): its batches read without a loader worker."""
+    return _common(packed, parts, steps, FAST_IN_PROCESS)
 
 
 @pytest.fixture(scope="module")
 def trained(packed1: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN with stage1/checkpoints/step1..3 and stage1/model."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    p = ovis_train(*_common(packed1, parts, 3), "--out", str(out))
+    p = train_here(*_here(packed1, parts, 3), "--out", str(out))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
@@ -217,7 +222,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     stage = out / "stage1"
     states = stage / "checkpoints" / "step3" / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[:1000])  # truncated, as a full disk or a cut copy leaves it
-    p = ovis_train(*_common(packed1, parts, 4), "--out", str(out), "--resume")
+    p = train_here(*_here(packed1, parts, 4), "--out", str(out), "--resume")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"{stage / 'checkpoints' / 'step3'} cannot be resumed from: {states} has 1,000 bytes" in p.stdout
     assert f"resumed from {stage / 'checkpoints' / 'step2'} at step 2" in p.stdout
@@ -248,7 +253,7 @@ def test_planted_pickle_in_a_checkpoint_never_runs(
     planted = tag / "mp_rank_00_model_states.pt"
     torch.save({"module": _Payload(marker), "dp_world_size": 1}, planted)
     ckpt_manifest.write(tag, 3)  # its manifest rewritten too: only the weights-only loading stands in the way
-    p = ovis_train(*_common(packed1, parts, 4), "--out", str(out), "--resume")
+    p = train_here(*_here(packed1, parts, 4), "--out", str(out), "--resume")
     _error_line(p, 2, str(planted), "refused", "posix.system")
     assert not marker.exists()
     # the control: loading that file the way DeepSpeed does runs the payload
@@ -283,7 +288,7 @@ def test_skip_bad_shards_never_loses_data_silently(
     shutil.copytree(packed1 / "stage1", broken)
     assert _garble_images(broken) > 0
     skip = ["--set", "train.skip_bad_shards=true"]
-    p = ovis_train(*_common(broken, parts, 3), *skip, "--out", str(tmp_path / "all"))
+    p = train_here(*_here(broken, parts, 3), *skip, "--out", str(tmp_path / "all"))
     _error_line(p, 2, "train.max_lost_fraction=0.01", "lost")
     assert "skipping damaged shard" in p.stdout
     assert not (tmp_path / "all" / "stage1" / "model").exists()
@@ -292,7 +297,7 @@ def test_skip_bad_shards_never_loses_data_silently(
     shutil.copytree(packed1 / "stage1", one)
     name = sorted(one.glob("*.tar"))[0].name
     _garble_images(one, [name])
-    p = ovis_train(*_common(one, parts, 2), *skip, "--set", "train.max_lost_fraction=0.5", "--out",
+    p = train_here(*_here(one, parts, 2), *skip, "--set", "train.max_lost_fraction=0.5", "--out",
                    str(tmp_path / "some"))  # fmt: skip
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"skipping damaged shard {name}: record" in p.stdout  # when it happens
@@ -384,7 +389,7 @@ def test_full_disk_is_one_line(packed1: Path, parts: tuple[Path, Path], tmp_path
         pytest.skip(f"cannot mount a small tmpfs here: {m.stderr.strip() or m.returncode}")
     try:
         out = mnt / "run"
-        p = ovis_train(*_common(packed1, parts, 2), "--out", str(out))
+        p = train_here(*_here(packed1, parts, 2), "--out", str(out))
         line = _error_line(
             p, 1, str(out / "stage1" / "checkpoints"), "no space left on device", "needs about"
         )

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from test_train import FAST_IN_PROCESS, REPO, free_port, ovis_train, train_env
+from conftest import train_here
+from test_train import FAST_IN_PROCESS, REPO, free_port, train_env
 
 from ovis_data.pack.holdout import holdout_draws
 from ovis_data.pack.stage import pack_stage
@@ -102,7 +103,7 @@ def _direct_val_loss(model_dir: Path, val_dir: Path) -> float:
 
 def test_training_logs_val_loss_keeps_the_best_and_reports_mfu(packed: Path, parts, tmp_path: Path) -> None:
     llm, vit = parts
-    p = ovis_train(
+    p = train_here(
         "--stage", "1", "--data", str(packed), "--out", str(tmp_path), "--llm", str(llm), "--vit", str(vit),
         "--max-steps", "4", "--set", "train.eval_every=2", "--set", "train.keep_best=true",
         "--set", "train.peak_tflops=0.5", "--set", 'trainable=["all"]', *FAST_IN_PROCESS,
@@ -132,7 +133,7 @@ def test_a_run_without_a_val_split_says_so_once(packed: Path, parts, tmp_path: P
     data = tmp_path / "data"
     shutil.copytree(packed / "stage1", data / "stage1", ignore=shutil.ignore_patterns("val"))
     llm, vit = parts
-    p = ovis_train(
+    p = train_here(
         "--stage", "1", "--data", str(data), "--out", str(tmp_path / "run"), "--llm", str(llm),
         "--vit", str(vit), "--max-steps", "2", "--set", "train.eval_every=1", *FAST_IN_PROCESS,
     )  # fmt: skip

@@ -182,9 +182,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def close_distributed() -> None:
     """Tear the process group down while Python is whole, at the end of a run. Left to the interpreter's
     exit, its C++ threads can outlive the objects they use and end the process in std::terminate
-    ("terminate called without an active exception"), a rank's exit status then failing the launch."""
+    ("terminate called without an active exception"), a rank's exit status then failing the launch.
+    Through DeepSpeed, which drops its own handles on the groups too: a second run in the same process (a
+    notebook, the tests) would otherwise meet a destroyed group in ZeRO's setup."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
 
 
 def build_model(prep: Prepared, args: RunArgs, dtype: torch.dtype | None = None) -> Ovis:
