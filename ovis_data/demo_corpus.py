@@ -82,12 +82,14 @@ def _answer(rng: random.Random, long: bool = False) -> str:
 def random_image(rng: random.Random, width: int, height: int) -> Image.Image:
     """Gradients, shapes and noise: compresses like a photo, not like a flat colour."""
     nrng = np.random.default_rng(rng.randrange(2**32))
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    # a column and a row broadcast, not two full grids: the same values (same operations in the same
+    # order per pixel), several times faster; the corpus is built once per test module
+    x = np.arange(width, dtype=np.float32)
+    y = np.arange(height, dtype=np.float32)[:, None]
     c = nrng.uniform(0, 255, size=(3, 3))
-    base = np.stack(
-        [c[i, 0] + (c[i, 1] - c[i, 0]) * x / width + (c[i, 2] - c[i, 0]) * y / height / 2 for i in range(3)],
-        axis=-1,
-    )
+    base = np.empty((height, width, 3))
+    for i in range(3):
+        base[..., i] = c[i, 0] + (c[i, 1] - c[i, 0]) * x / width + (c[i, 2] - c[i, 0]) * y / height / 2
     base += nrng.normal(0, 12, size=base.shape)
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)

@@ -91,6 +91,19 @@ def call(
     return int(done.value.code or 0), out, err
 
 
+def pools_started(monkeypatch: pytest.MonkeyPatch, module: object) -> list[int]:
+    """The sizes of the process pools `module` starts from now on (each pool still starts and runs)."""
+    sizes: list[int] = []
+    real = module.ProcessPoolExecutor
+
+    def counted(n: int, **kwargs: object) -> object:
+        sizes.append(n)
+        return real(n, **kwargs)
+
+    monkeypatch.setattr(module, "ProcessPoolExecutor", counted)
+    return sizes
+
+
 # the variables a one-rank `ovis-train` sets for its world of one (ovis_model/train/setup.py)
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from conftest import call
+from conftest import call, pools_started
 from PIL import Image
 from test_templates import by_hand_caption, by_hand_chat
 from test_templates_tokenizers import llama3_tokenizer, qwen_path, qwen_tokenizer, save
@@ -25,6 +25,7 @@ from test_validate import CONV_ROWS, make_root, write_meta, write_shards
 
 from ovis_data.errors import OvisDataError
 from ovis_data.imagestore import ImageStore
+from ovis_data.pack import dispatch
 from ovis_data.pack import images as pack_images
 from ovis_data.pack.images import resize_for_vit
 from ovis_data.pack.stage import pack_stage
@@ -171,12 +172,19 @@ def test_resize_for_vit_reads_headers_as_pil_does(mode: str, size: tuple[int, in
     assert (fast[0] is data) == (mode == "RGB" and max(size) == 336)
 
 
-def test_same_bytes_whatever_the_number_of_processes(qwen_stage3: Path, root: Path, tmp_path: Path):
-    pack_stage(3, root, qwen_path(), tmp_path, processes=2, packs_per_shard=8)
-    assert _shard_hashes(tmp_path / "stage3") == _shard_hashes(qwen_stage3)
-    assert (tmp_path / "stage3" / "manifest.json").read_bytes() == (
-        qwen_stage3 / "manifest.json"
-    ).read_bytes()
+def test_same_bytes_whatever_the_number_of_processes(
+    qwen_stage3: Path, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    pools = pools_started(monkeypatch, dispatch)
+    # pools of two processes as asked (tokenizing, writing); by default a stage this small packs in this
+    # process, no pool to start
+    for processes in (2, None):
+        pools.clear()
+        out = tmp_path / f"p{processes}"
+        pack_stage(3, root, qwen_path(), out, processes=processes, packs_per_shard=8)
+        assert pools == ([2, 2] if processes else []), (processes, pools)
+        assert _shard_hashes(out / "stage3") == _shard_hashes(qwen_stage3)
+        assert (out / "stage3" / "manifest.json").read_bytes() == (qwen_stage3 / "manifest.json").read_bytes()
 
 
 def test_a_killed_pack_resumes_to_the_same_bytes(qwen_stage3: Path, root: Path, tmp_path: Path):

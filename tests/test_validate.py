@@ -13,7 +13,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import call
+from conftest import call, pools_started
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -22,6 +22,7 @@ from ovis_data.constants import clean_caption
 from ovis_data.errors import OvisDataError
 from ovis_data.imagestore import ImageStore, build_index, unsafe_path_reason, unsafe_path_sql
 from ovis_data.registry import load_registry
+from ovis_data.validate import imagecheck
 from ovis_data.validate.bad_samples_report import write_report
 from ovis_data.validate.catalog import read_catalog, rejected_path
 from ovis_data.validate.dataset import validate_dataset
@@ -250,10 +251,13 @@ def rejected(root: Path, name: str) -> dict[str, str]:
     return {r["id"]: r["reason"] for r in table}
 
 
-@pytest.mark.parametrize("mode", ["header", "deep"])
-def test_every_conversation_reason(root_info, mode):
+@pytest.mark.parametrize(("mode", "processes"), [("header", 2), ("deep", 2), ("header", None)])
+def test_every_conversation_reason(root_info, mode, processes, monkeypatch):
     root, reg = root_info
-    result = validate_dataset(reg["conv"], root, mode=mode, processes=2)
+    pools = pools_started(monkeypatch, imagecheck)
+    result = validate_dataset(reg["conv"], root, mode=mode, processes=processes)
+    # a pool where the user asked for one; by default a set this small is checked in this process
+    assert pools == ([processes] if processes else [])
     expected_bad = {s["id"] if isinstance(s["id"], str) else str(s["id"]): r for s, r in CONV_ROWS if r}
     got = rejected(root, "conv")
     assert got == expected_bad

@@ -33,7 +33,10 @@ def pack(
         int | None, typer.Option(help="Tokens per packed sequence (default: the recipe's max_length).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle, packing and subsampling.")] = 0,
-    processes: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(help="Worker processes (default: all cores; this process alone for a small stage)."),
+    ] = None,
     visual_tokens: Annotated[
         int | None,
         typer.Option(

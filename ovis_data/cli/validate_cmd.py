@@ -40,7 +40,10 @@ def validate(
         bool, typer.Option("--meta-only", help="Check meta files and file existence only; open no image.")
     ] = False,
     processes: Annotated[
-        int | None, typer.Option(help="Worker processes for image checks (default: all cores).")
+        int | None,
+        typer.Option(
+            help="Worker processes for image checks (default: all cores; this process alone for a small set)."
+        ),
     ] = None,
     catalog_dir: Annotated[
         Path | None, typer.Option(help="Where catalogs go (default: ROOT/catalogs).")

@@ -74,7 +74,6 @@ def pack_stage(
     holdout = check_fraction(holdout)
     root_path = resolve_root(root)
     remote_out = RemotePath(str(out)) / f"stage{recipe.stage}" if is_url(out) else None
-    processes = max(1, processes or os.cpu_count() or 1)
     tok_path = Path(tokenizer)
     tok = load_tokenizer(tok_path)
     cfg = _settings(
@@ -190,7 +189,9 @@ def _chat_format(recipe: StageRecipe, registry: dict[str, DatasetSpec], tok) -> 
     return None
 
 
-def _catalogs(recipe: StageRecipe, registry: dict[str, DatasetSpec], root: Path, processes: int) -> dict:
+def _catalogs(
+    recipe: StageRecipe, registry: dict[str, DatasetSpec], root: Path, processes: int | None
+) -> dict:
     """Catalog paths of the recipe's datasets, validated first where one is missing; an object store's
     catalog is copied here (workers read it by row group)."""
     from ..validate.dataset import ensure_catalog  # DuckDB: imported by the main process only
@@ -264,7 +265,7 @@ def _tokenize(
     catalogs: dict,
     caption_templates: dict,
     backend_json: str,
-    processes: int,
+    processes: int | None,
     progress: Progress | None,
     ray: str | None,
 ) -> list[Unit]:
@@ -297,7 +298,7 @@ def _write_shards(
     plan: StagePlan,
     backend_json: str,
     remote_out: RemotePath | None,
-    processes: int,
+    processes: int | None,
     progress: Progress | None,
     ray: str | None,
 ) -> list[dict]:

@@ -37,6 +37,7 @@ from .templates import (
 _IMAGE = [IMAGE_ID]
 _MEMO_MAX_CHARS = 256  # pieces this short often repeat (system turns, stock questions): worth memoizing
 _MEMO_MAX_ENTRIES = 200_000
+_VOCAB_SHA256: dict[str, str] = {}  # sha256 of a backend tokenizer's serialization -> its vocab_sha256
 
 
 class Encoded(NamedTuple):
@@ -170,7 +171,11 @@ def vocab_identity(tokenizer: Any) -> str:
     backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise OvisDataError(f"tokenizer {tokenizer_name(tokenizer)!r} is not a fast tokenizer")
-    return _vocab_sha256(json.loads(backend.to_str()))
+    spec = backend.to_str()
+    key = hashlib.sha256(spec.encode()).hexdigest()
+    if key not in _VOCAB_SHA256:  # ~1 s for a 151k vocabulary, asked again by each stage a process packs
+        _VOCAB_SHA256[key] = _vocab_sha256(json.loads(spec))
+    return _VOCAB_SHA256[key]
 
 
 def _vocab_sha256(raw: dict) -> str:

@@ -2,7 +2,7 @@
 
 Everything per sample runs as DuckDB SQL over the normalized meta table (meta-only checks) plus one
 directory walk per image_dir (existence as a join, never a stat per sample); image headers or full
-decodes run in worker processes over the unique image paths only.
+decodes run in worker processes over the unique image paths only (in this process for a small set).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .catalog import (
     meta_file_identity,
     rejected_path,
 )
-from .imagecheck import ImageLimits, check_images
+from .imagecheck import ImageLimits, check_images, worker_count
 from .metafile import MetaFileError, load_meta
 
 MODES = ("meta", "header", "deep")
@@ -147,12 +147,12 @@ def _check_headers(
     else:
         query = "SELECT DISTINCT path, NULL, -1, 0 FROM img WHERE reason IS NULL ORDER BY path"
     total = con.execute(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
+    workers = worker_count(total, deep, processes)
     base = str(store.image_dir)
     pending: deque[pa.Array] = deque()  # paths of the chunks handed out, in order, results not yet back
 
     def chunks():
         # Several tasks per worker even for small sets, or one slow chunk leaves the other cores idle.
-        workers = processes or os.cpu_count() or 1
         chunk = max(16, min(MAX_CHUNK, -(-total // (workers * 8))))
         reader = con.sql(query).to_arrow_reader(chunk)
         for batch in reader:
@@ -172,7 +172,7 @@ def _check_headers(
         with pq.ParquetWriter(results, HEADER_SCHEMA) as writer:
             buffered: list[pa.RecordBatch] = []
             done = 0
-            for res in check_images(chunks(), deep, limits, processes, ray=ray):
+            for res in check_images(chunks(), deep, limits, workers, ray=ray):
                 w, h, r, d = zip(*res, strict=True) if res else ((), (), (), ())
                 batch = [pending.popleft(), pa.array(w, pa.int32()), pa.array(h, pa.int32())]
                 batch += [pa.array(r, pa.string()), pa.array(d, pa.string())]
