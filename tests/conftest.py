@@ -58,9 +58,10 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> sub
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The demo corpus with its URL datasets' images on a local HTTP server (one per test module)."""
+    """The demo corpus with its URL datasets' images on a local HTTP server (one per test process; ~9 s to
+    build). Read-only: tests copy what they write into."""
     base = tmp_path_factory.mktemp("corpus")
     served = base / "served"
     served.mkdir()
