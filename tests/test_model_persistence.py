@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import call
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -109,15 +107,16 @@ def test_chat_greedy_and_sampling(stage1) -> None:
     assert text_only.prompt_tokens == len(model.text_tokenizer(text_only.prompt)["input_ids"])
 
 
-def test_ovis_chat_command(stage1, tmp_path) -> None:
+def test_ovis_chat_command(stage1, tmp_path, capsys, monkeypatch) -> None:
+    """Through the entry point in this process (test_runner runs `ovis-chat` as a process)."""
     _, _, out = stage1
     image = tmp_path / "cat.png"
     Image.new("RGB", (50, 20), (200, 10, 10)).save(image)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "ovis_model.chat_cli", str(out), "--image", str(image), "What colour?"]
-    proc = subprocess.run([*cmd, "--max-new-tokens", "4", "--json"], capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = [str(out), "--image", str(image), "What colour?", "--max-new-tokens", "4", "--json"]
+    code, stdout, stderr = call(capsys, monkeypatch, "ovis-chat", *args)
+    assert code == 0, stderr[-3000:]
+    result = json.loads(stdout)
     assert result["prompt"].endswith("<|im_start|>assistant\n") and result["output_tokens"] <= 4
     assert result["total_tokens"] == result["prompt_tokens"] + result["output_tokens"]
 
