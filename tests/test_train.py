@@ -38,8 +38,9 @@ FAST = [
     "--micro-batch-tokens", "1024",
 ]  # fmt: skip
 # FAST with the batches read in the trainer's own process, for runs whose claim is not about the loader's
-# workers (each worker is a fresh Python importing torch, per run and rank); the SIGTERM/SIGKILL, resume,
-# torchrun and elastic runs here and in test_elastic/test_train_faults keep one, test_loader tests them
+# workers (each worker is a fresh Python importing torch, per run and rank): the two-rank runs here are
+# about ranks and ZeRO; the SIGTERM/SIGKILL, resume and elastic runs here and in test_elastic/
+# test_train_faults keep one (on two ranks too), test_loader tests them
 FAST_IN_PROCESS = ["train.num_workers=0" if a == "train.num_workers=1" else a for a in FAST]
 
 
@@ -237,7 +238,7 @@ def test_two_ranks_torchrun(zero: int, packed: Path, parts: tuple[Path, Path], t
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ovis_model.train",
            "--stage", "1", "--data", str(packed), "--out", str(tmp_path), "--llm", str(llm_dir),
            "--vit", str(vit_dir), "--max-steps", "3", "--set", f"deepspeed=zero{zero}.json",
-           "--set", 'trainable=["all"]', *FAST]  # fmt: skip
+           "--set", 'trainable=["all"]', *FAST_IN_PROCESS]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "stage1"
