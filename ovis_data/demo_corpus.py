@@ -82,8 +82,8 @@ def _answer(rng: random.Random, long: bool = False) -> str:
 def random_image(rng: random.Random, width: int, height: int) -> Image.Image:
     """Gradients, shapes and noise: compresses like a photo, not like a flat colour."""
     nrng = np.random.default_rng(rng.randrange(2**32))
-    # a column and a row broadcast, not two full grids: the same values (same operations in the same
-    # order per pixel), several times faster; the corpus is built once per test module
+    # a column and a row broadcast, not two full grids: the same values (the same operations in the same
+    # order per pixel), 1.5 s less a corpus build (10.6 -> 9.1 s; the tests build it several times)
     x = np.arange(width, dtype=np.float32)
     y = np.arange(height, dtype=np.float32)[:, None]
     c = nrng.uniform(0, 255, size=(3, 3))

@@ -15,21 +15,15 @@ import numpy as np
 
 from ..interrupt import cancel_pending, quiet_on_sigint, run_task
 from ..lifeline import exit_with
+from ..poolsize import workers_for
 from .worker import PackConfig, PackWorker, Unit
 
 Progress = Callable[[str, int, int], None]  # (phase "tokenize" | "write", samples | records done, total)
 
-# A pool's start (forked processes, each loading the tokenizer and the work files' maps) costs ~1 s: where
-# the user did not choose the processes, a phase with less than this much work runs in this process
-# (tokenizing goes at 20-160k samples/s a core, writing at ~4k samples/s). The demo's stages: ~6 s -> ~2 s.
+# Work under which a phase runs in this process sooner than in a pool (ovis_data.poolsize): tokenizing goes
+# at 20-160k samples/s a core, writing at ~4k samples/s, and each pool worker first loads the tokenizer.
+# The demo's stages 2 and 3: 6.5 s -> 4.4 s each.
 SMALL_PHASE = {"tokenize": 20_000, "write": 1_000}  # samples to tokenize, records to write
-
-
-def pool_size(processes: int | None, label: str, work: int) -> int:
-    """`processes` where the user chose it; else all cores, or 1 for a phase too small to pay for a pool."""
-    if processes:
-        return max(1, processes)
-    return 1 if work < SMALL_PHASE[label] else os.cpu_count() or 1
 
 
 # -- worker state (one per process) -------------------------------------------------------------------
@@ -70,7 +64,7 @@ def run_tasks(
         return _run_ray(fn, tasks, init, label, progress, weights, ray)
     results = []
     total, done = sum(weights), 0
-    processes = pool_size(processes, label, total)
+    processes = workers_for(processes, total, SMALL_PHASE[label])
     if progress:
         progress(label, 0, total)
     if processes <= 1 or len(tasks) <= 1:

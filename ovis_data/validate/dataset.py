@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from ..duck import bounded_connection
 from ..errors import OvisDataError
 from ..imagestore import ImageStore, index_file, load_index, unsafe_path_sql
+from ..poolsize import workers_for
 from ..registry import DatasetSpec
 from ..storage import RemotePath, local_copy
 from .catalog import (
@@ -34,7 +35,7 @@ from .catalog import (
     meta_file_identity,
     rejected_path,
 )
-from .imagecheck import ImageLimits, check_images, worker_count
+from .imagecheck import SMALL_SET, ImageLimits, check_images
 from .metafile import MetaFileError, load_meta
 
 MODES = ("meta", "header", "deep")
@@ -147,7 +148,7 @@ def _check_headers(
     else:
         query = "SELECT DISTINCT path, NULL, -1, 0 FROM img WHERE reason IS NULL ORDER BY path"
     total = con.execute(f"SELECT count(*) FROM ({query})").fetchall()[0][0]
-    workers = worker_count(total, deep, processes)
+    workers = workers_for(processes, total, SMALL_SET[deep])
     base = str(store.image_dir)
     pending: deque[pa.Array] = deque()  # paths of the chunks handed out, in order, results not yet back
 

@@ -129,18 +129,10 @@ def _init_pool_worker(owner: int) -> None:
     quiet_on_sigint()
 
 
-# A pool's start (its processes forked from the forkserver, their imports) costs ~0.3 s: below these
-# counts one process, this one, checks a set sooner than a pool (a header read takes ~0.1 ms an image, a full
-# decode of a real photo a few ms). The demo's 19 datasets of a few dozen images each: 8.7 s -> 2.3 s.
+# Images under which one process, the caller, checks a set sooner than a pool (ovis_data.poolsize): a
+# header read takes ~0.1 ms an image, a full decode of a real photo a few ms. The demo's 19 datasets of a
+# few dozen images each: 8.7 s -> 2.3 s.
 SMALL_SET = {False: 4000, True: 200}  # by deep
-
-
-def worker_count(images: int, deep: bool, processes: int | None) -> int:
-    """`processes` where the user chose it; else all cores, or 1 (no pool) for a set too small to pay for
-    one."""
-    if processes:
-        return processes
-    return 1 if images < SMALL_SET[deep] else os.cpu_count() or 1
 
 
 def check_images(
