@@ -22,13 +22,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 from ovis_data.demo_corpus import build_demo_corpus  # noqa: E402 - after the thread count
 from ovis_data.fetch import serve_directory  # noqa: E402
 
-# Test modules by their measured time (`--durations=0`), heaviest first: xdist hands whole modules to its
-# workers in collection order, so the long ones start first and the short ones fill the gaps at the end
-# (a long module collected last would keep one worker busy alone while the other idles).
+# Test modules by their measured time (a per-worker timeline of `python -m pytest`), heaviest first: xdist
+# hands whole modules to its workers in collection order (--no-loadscope-reorder, pyproject.toml), so the
+# long ones start first and the short ones fill the gaps at the end (a long module collected last would keep
+# one worker busy alone while the other idles).
 HEAVY_FIRST = (
-    "test_train_faults.py", "test_cli.py", "test_train.py", "test_elastic.py", "test_pack.py", "test_ray.py",
-    "test_validation.py", "test_loader.py", "test_object_storage.py", "test_get.py", "test_careless_user.py",
-    "test_report.py", "test_runner.py", "test_model_memory.py",
+    "test_cli.py", "test_elastic.py", "test_train.py", "test_pack.py", "test_train_faults.py", "test_ray.py",
+    "test_object_storage.py", "test_validation.py", "test_get.py", "test_loader.py", "test_report.py",
+    "test_careless_user.py", "test_model_memory.py", "test_fetch_cli.py", "test_model_deepspeed.py",
+    "test_serve.py", "test_validate.py", "test_runner.py", "test_fetch_resume.py", "test_packing.py",
 )  # fmt: skip
 
 

@@ -177,7 +177,8 @@ def test_zero3_on_another_size_is_refused_in_one_line(
 ) -> None:
     zero3 = ("--set", "deepspeed=zero3.json", "--set", 'trainable=["all"]', "--max-steps", "2")
     # the one-rank run in this process (its checkpoint is what matters), the refused resume on two real ranks
-    first = train_here(*_command(1, packed1, parts, tmp_path, *zero3, fast=FAST_IN_PROCESS)[3:])
+    one_rank = _command(1, packed1, parts, tmp_path, *zero3, fast=FAST_IN_PROCESS)
+    first = train_here(*one_rank[3:])  # the arguments after `python -m ovis_model.train`
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     again = _command(2, packed1, parts, tmp_path, *zero3, "--resume")
     resumed = subprocess.run(again, capture_output=True, text=True, env=train_env(), timeout=900, cwd=REPO)
