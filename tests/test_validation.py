@@ -5,6 +5,7 @@ with the exported model), keeps the best model, and logs tokens/s and MFU on eve
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import train_here
-from test_train import FAST_IN_PROCESS, REPO, free_port, train_env
+from test_train import FAST_IN_PROCESS, REPO, free_port, model_weights, run_losses, train_env
 
 from ovis_data.pack.holdout import holdout_draws
 from ovis_data.pack.stage import pack_stage
@@ -145,9 +146,12 @@ def test_a_run_without_a_val_split_says_so_once(packed: Path, parts, tmp_path: P
     assert json.loads((tmp_path / "run" / "stage1" / "summary.json").read_text())["val_loss"] is None
 
 
-def test_two_ranks_zero3_val_loss_covers_the_whole_split(packed: Path, parts, tmp_path: Path) -> None:
-    """Each rank evaluates its share (one rank gets an empty micro-batch when the count is odd); the sum
-    over ranks equals the loss of the whole split computed directly."""
+def test_two_ranks_zero3_train_and_their_val_loss_covers_the_whole_split(
+    packed: Path, parts, tmp_path: Path
+) -> None:
+    """`ovis-train` on two ranks (torchrun, gloo) under ZeRO-3 trains every step and saves the gathered
+    weights; each rank evaluates its share of the val split (one rank gets an empty micro-batch when the
+    count is odd) and the sum over ranks equals the loss of the whole split computed directly."""
     llm, vit = parts
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ovis_model.train",
@@ -156,8 +160,16 @@ def test_two_ranks_zero3_val_loss_covers_the_whole_split(packed: Path, parts, tm
            "--set", 'trainable=["all"]', "--micro-batch-tokens", "300", *FAST_IN_PROCESS[:-2]]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "stage1" / "summary.json").read_text())
-    direct = _direct_val_loss(tmp_path / "stage1" / "model", packed / "stage1" / "val")
+    run_dir = tmp_path / "stage1"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 2 and config["deepspeed"]["zero_optimization"]["stage"] == 3
+    losses = run_losses(run_dir)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    weights, llm0 = model_weights(run_dir / "model"), model_weights(llm)
+    assert all(w.numel() > 0 for w in weights.values())  # ZeRO-3's partitions gathered
+    assert any(not torch.equal(weights[k], llm0[k[4:]]) for k in weights if k.startswith("llm."))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    direct = _direct_val_loss(run_dir / "model", packed / "stage1" / "val")
     assert summary["val_loss"] == pytest.approx(direct, rel=1e-5)
 
 
