@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import call, train_here
+from conftest import train_here
 from test_train import FAST, FAST_IN_PROCESS, ovis_train, parts, tokenizer_dir, train_env  # noqa: F401 - fixtures
 
 from ovis_data.pack.stage import pack_stage
@@ -133,8 +133,6 @@ def test_two_runs_one_folder_sigkill_and_resume(
     packed1: Path,
     parts: tuple[Path, Path],
     tmp_path: Path,
-    capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A second run into a running run's folder exits 2 naming the holder (refused before any compute:
     through the CLI's entry point in this process); SIGKILL of the trainer leaves no worker, forkserver or
@@ -158,8 +156,7 @@ def test_two_runs_one_folder_sigkill_and_resume(
                 break
             time.sleep(0.1)
         assert first.poll() is None, first.stderr.read().decode()[-3000:]
-        code, said, err = call(capsys, monkeypatch, "ovis-train", *common, "--out", str(out), "--resume")
-        second = subprocess.CompletedProcess(["ovis-train"], code, said, err)
+        second = train_here(*common, "--out", str(out), "--resume")
         _error_line(second, 2, str(stage), f"process {first.pid}")
         assert len(watched) >= 3, watched  # forkserver, its loader worker, the resource tracker
         _kill_and_expect_no_orphans(first, watched)
@@ -312,16 +309,10 @@ def test_bad_starts_are_one_line_before_compute(
     packed1: Path,
     parts: tuple[Path, Path],
     tmp_path: Path,
-    capsys: pytest.CaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each refused start: exit 2 and one `error:` line naming what is wrong. The first through a real
     process (the line and exit status a user sees); the others through the same entry point in this
     process (all are refused in setup, before the distributed group or any compute)."""
-
-    def in_process(*args: str) -> subprocess.CompletedProcess:
-        code, out, err = call(capsys, monkeypatch, "ovis-train", *args)
-        return subprocess.CompletedProcess(["ovis-train", *args], code, out, err)
 
     # --resume where there is no checkpoint (a mistyped --out): refused, saying where it looked
     typo = tmp_path / "typo"
@@ -334,17 +325,17 @@ def test_bad_starts_are_one_line_before_compute(
     shards = sorted(data.glob("*.tar"))
     shards[1].unlink()
     _error_line(
-        in_process(*_common(data, parts, 2), "--out", str(tmp_path / "r1")), 2, str(shards[1]), "missing"
+        train_here(*_common(data, parts, 2), "--out", str(tmp_path / "r1")), 2, str(shards[1]), "missing"
     )
     shutil.copy(packed1 / "stage1" / shards[1].name, shards[1])
     shards[2].write_bytes(shards[2].read_bytes()[:-1024])
     _error_line(
-        in_process(*_common(data, parts, 2), "--out", str(tmp_path / "r2")), 2, str(shards[2]), "bytes"
+        train_here(*_common(data, parts, 2), "--out", str(tmp_path / "r2")), 2, str(shards[2]), "bytes"
     )
     # a shard of the right size but other bytes: --verify-data finds it
     shutil.copy(packed1 / "stage1" / shards[2].name, shards[2])
     _garble_images(data, [shards[3].name])
-    _error_line(in_process(*_common(data, parts, 2), "--out", str(tmp_path / "r3"), "--verify-data"), 2,
+    _error_line(train_here(*_common(data, parts, 2), "--out", str(tmp_path / "r3"), "--verify-data"), 2,
                 str(shards[3]), "sha256")  # fmt: skip
     # a model folder whose weights are a pickle: one line
     init = tmp_path / "pickled"
@@ -352,7 +343,7 @@ def test_bad_starts_are_one_line_before_compute(
     for f in init.glob("*.safetensors"):
         f.unlink()
     (init / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
-    p = in_process("--stage", "1", "--data", str(packed1), "--out", str(tmp_path / "r4"), "--init", str(init),
+    p = train_here("--stage", "1", "--data", str(packed1), "--out", str(tmp_path / "r4"), "--init", str(init),
                    *FAST)  # fmt: skip
     _error_line(p, 2, str(init / "pytorch_model.bin"), "safetensors")
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
