@@ -116,15 +116,15 @@ STAGE1_STEPS = 9  # stage 1's data is 8 steps an epoch, so the run crosses into 
 
 @pytest.fixture(scope="module")
 def stage1_run(packed: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One uninterrupted stage-1 run (read-only): the chain's first stage and the SIGTERM test's reference
-    (the cosine schedule's length is --max-steps, so both use the same)."""
+    """One uninterrupted stage-1 run (read-only; in this process, on one thread as the SIGTERM test's
+    processes): the chain's first stage and the SIGTERM test's reference (the cosine schedule's length is
+    --max-steps, so both use the same)."""
     llm_dir, vit_dir = parts
     run = tmp_path_factory.mktemp("stage1_run") / "run"
-    p1 = ovis_train("--stage", "1", "--data", str(packed), "--out", str(run), "--llm", str(llm_dir),
+    p1 = train_here("--stage", "1", "--data", str(packed), "--out", str(run), "--llm", str(llm_dir),
                     "--vit", str(vit_dir), "--max-steps", str(STAGE1_STEPS), *FAST)  # fmt: skip
     assert p1.returncode == 0, p1.stdout[-3000:] + p1.stderr[-3000:]
     assert "freeze llm" in p1.stdout and "train  vte" in p1.stdout
-    assert "Setting accelerator" not in p1.stderr  # DeepSpeed's notice: our start line names the device
     return run
 
 
@@ -218,6 +218,7 @@ def test_resume_after_sigterm_is_exact(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-3000:]
+    assert "Setting accelerator" not in err  # DeepSpeed's notice, once a process: our start line names it
     stopped_at = max(run_losses(out_b / "stage1"))
     assert stopped_at < STAGE1_STEPS, "the run finished before SIGTERM arrived"
     assert (out_b / "stage1" / "checkpoints" / "latest").read_text().strip() == f"step{stopped_at}"
@@ -226,7 +227,7 @@ def test_resume_after_sigterm_is_exact(
     code, _, err = call(capsys, monkeypatch, "ovis-train", *common, "--out", str(out_b))
     assert code == 2 and "--resume" in err
     assert max(run_losses(out_b / "stage1")) == stopped_at
-    resumed = ovis_train(*common, "--out", str(out_b), "--resume")
+    resumed = train_here(*common, "--out", str(out_b), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     got = run_losses(out_b / "stage1")
     assert got == expected  # bit for bit: steps before the stop and after the resume

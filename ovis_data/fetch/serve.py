@@ -12,8 +12,14 @@ from aiohttp import web
 
 
 @contextmanager
-def serve_app(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Run an aiohttp app on host:port (0: any free port) in a daemon thread; yields its base URL."""
+def serve_app(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False
+) -> Iterator[str]:
+    """Run an aiohttp app on host:port (0: any free port) in a daemon thread; yields its base URL.
+
+    reuse_port: other processes may listen on the same port (SO_REUSEPORT; the kernel spreads connections
+    over them): servers of the same files in several processes answer at one URL while any one of them
+    is up."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     state: dict[str, object] = {}
@@ -21,7 +27,7 @@ def serve_app(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> I
     async def start() -> None:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         state["runner"] = runner
         state["port"] = runner.addresses[0][1]
@@ -59,9 +65,11 @@ def directory_app(path: Path) -> web.Application:
 
 
 @contextmanager
-def serve_directory(path: str | Path, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve_directory(
+    path: str | Path, host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False
+) -> Iterator[str]:
     """Serve the files under `path` read-only over HTTP; yields the base URL (no trailing slash).
 
     Fetch from it with `FetchOptions(net=NetParams(allow_private=True))`: it listens on loopback."""
-    with serve_app(directory_app(Path(path)), host, port) as base_url:
+    with serve_app(directory_app(Path(path)), host, port, reuse_port) as base_url:
         yield base_url
