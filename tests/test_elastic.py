@@ -22,6 +22,7 @@ from test_train import FAST, FAST_IN_PROCESS, free_port, parts, run_losses, toke
 
 from ovis_data.pack.stage import pack_stage
 from ovis_data.shards import iter_records
+from ovis_model.train.elastic import ElasticError, check_zero3_world
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = "40"  # never reached: the epoch under test ends first; the same in every run (the LR schedule)
@@ -187,3 +188,25 @@ def test_zero3_on_another_size_is_refused_in_one_line(
     assert len(errors) == 1, resumed.stderr[-3000:]  # the same line from each rank
     assert "written by 1 rank(s) under ZeRO-3, resuming on 2" in errors.pop()
     assert f'File "{REPO / "ovis_model"}' not in resumed.stderr  # no rank traceback (torchrun has its own)
+
+
+def test_zero3_checkpoints_all_from_another_size_are_refused_before_anything_loads(tmp_path: Path) -> None:
+    """The check `ovis-train --resume` makes before the model loads, on checkpoint folders as DeepSpeed
+    names their files: refused only when no checkpoint was written by this many ranks (a mixed folder is
+    left to the check at load time, on the checkpoint the resume chooses)."""
+
+    def checkpoint(step: int, ranks: int) -> None:
+        folder = tmp_path / "checkpoints" / f"step{step}"
+        folder.mkdir(parents=True)
+        for rank in range(ranks):
+            (folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+
+    checkpoint(1, ranks=1)
+    checkpoint(2, ranks=1)
+    with pytest.raises(ElasticError, match=r"step2: written by 1 rank\(s\) under ZeRO-3, resuming on 2"):
+        check_zero3_world(tmp_path / "checkpoints", world=2)
+    check_zero3_world(tmp_path / "checkpoints", world=1)
+    checkpoint(3, ranks=2)  # a later checkpoint from two ranks: resumable on two
+    check_zero3_world(tmp_path / "checkpoints", world=2)
+    (tmp_path / "zero0" / "step1").mkdir(parents=True)  # ZeRO-0: no optimizer partitions, any size
+    check_zero3_world(tmp_path / "zero0", world=2)

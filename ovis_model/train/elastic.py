@@ -11,8 +11,8 @@ are joined, their padding removed, and cut again into this world's partitions.
 
 - ZeRO-0: the optimizer state is whole in the model-states file; DeepSpeed loads it on any world size.
 - ZeRO-1/2: re-partitioned as above.
-- ZeRO-3: refused (one line): its parameters are partitioned too, and DeepSpeed 0.16+ supports that only
-  through universal checkpoints.
+- ZeRO-3: refused (one line, before the model loads: check_zero3_world): its parameters are partitioned
+  too, and DeepSpeed 0.16+ supports that only through universal checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .checkpoint import TAG_PREFIX, tags
 from .safe_load import load_weights_only
 
 _OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
@@ -39,18 +40,32 @@ def saved_ranks(tag_dir: Path) -> list[Path]:
     return [found[r] for r in sorted(found)]
 
 
+def _zero3_refusal(tag_dir: Path, saved: int, world: int) -> ElasticError:
+    return ElasticError(
+        f"{tag_dir}: written by {saved} rank(s) under ZeRO-3, resuming on {world}: ZeRO-3's partitioned "
+        "parameters move to another world size only through DeepSpeed's universal checkpoints, which "
+        f"this trainer does not load; resume on {saved} rank(s) (or train with zero2.json, which resumes "
+        "on any number)"
+    )
+
+
+def check_zero3_world(ckpt_dir: Path, world: int) -> None:
+    """Before anything loads (a large model takes minutes): under ZeRO-3, when every checkpoint a resume
+    could take was written by another number of ranks, ElasticError naming the newest. Otherwise the
+    checkpoint the resume chooses is checked again as it loads (load_on_new_size)."""
+    folders = [ckpt_dir / f"{TAG_PREFIX}{step}" for step in tags(ckpt_dir)]
+    written = [(folder, saved) for folder in folders if (saved := len(saved_ranks(folder)))]
+    if written and all(saved != world for _, saved in written):
+        raise _zero3_refusal(*written[-1], world)
+
+
 def load_on_new_size(engine: Any, ckpt_dir: Path, tag: str, files: list[Path]) -> dict:
     """Resume checkpoint `tag`, written by `len(files)` ranks, on this world's ranks; returns the client
     state. Call with the engine's checkpoint engine already weights-only."""
     stage = int(engine.zero_optimization_stage())
     world = dist.get_world_size()
     if stage == 3:
-        raise ElasticError(
-            f"{ckpt_dir / tag}: written by {len(files)} rank(s) under ZeRO-3, resuming on {world}: ZeRO-3's "
-            f"partitioned parameters move to another world size only through DeepSpeed's universal "
-            f"checkpoints, which this trainer does not load; resume on {len(files)} rank(s) (or train with "
-            "zero2.json, which resumes on any number)"
-        )
+        raise _zero3_refusal(ckpt_dir / tag, len(files), world)
     opt = engine.optimizer
     if not all(hasattr(opt, a) for a in ("single_partition_of_fp32_groups", "bit16_groups_flat")):
         raise ElasticError(

@@ -117,7 +117,7 @@ def prepare(args: RunArgs) -> Prepared:
             check_safetensors_only(Path(folder))
         except ValueError as e:
             raise TrainError(str(e)) from e
-    check_resume(args, run_dir / "checkpoints")
+    check_resume(args, run_dir / "checkpoints", _zero_stage(cfg))
     try:
         check_shards(data_dir, manifest, manifest_path, hashes=args.verify_data)
     except DataCheckError as e:
@@ -125,8 +125,9 @@ def prepare(args: RunArgs) -> Prepared:
     return Prepared(cfg, run_dir, data_dir, manifest, manifest_path, init_dir)
 
 
-def check_resume(args: RunArgs, ckpt: Path) -> None:
-    """Checkpoints without --resume would be overwritten; --resume without any would silently start over."""
+def check_resume(args: RunArgs, ckpt: Path, zero_stage: int) -> None:
+    """Checkpoints without --resume would be overwritten; --resume without any would silently start over;
+    ZeRO-3 checkpoints all from another number of ranks cannot be resumed (elastic.check_zero3_world)."""
     if not args.resume and (checkpoint.tags(ckpt) or (ckpt / "latest").is_file()):
         raise TrainError(
             f"{ckpt} holds checkpoints: pass --resume to continue that run, or use another --out"
@@ -136,6 +137,13 @@ def check_resume(args: RunArgs, ckpt: Path) -> None:
             f"--resume: no checkpoint in {ckpt} (looked for {checkpoint.TAG_PREFIX}K folders): is --out "
             "the run's folder? Without --resume the stage starts from step 0"
         )
+    if args.resume and zero_stage == 3:
+        from .elastic import ElasticError, check_zero3_world
+
+        try:
+            check_zero3_world(ckpt, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's, before init
+        except ElasticError as e:
+            raise TrainError(str(e)) from e
 
 
 def lock_run(run_dir: Path, say) -> RunLock | None:  # noqa: ANN001 - say: print-like
