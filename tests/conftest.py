@@ -84,6 +84,40 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "data"
 
 
+@pytest.fixture(scope="session")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny LLM and ViT (28 px images) whose tokenizer is a real byte-level BPE with Llama 3's special
+    tokens and a 600-token vocabulary: the LM head of a 151k vocabulary would be ~90% of each CPU step (the
+    demo trains with the real Qwen2.5 tokenizer). (llm, vit), built once per run; read-only."""
+    folder = run_folder(tmp_path_factory) / "tiny_parts"
+    with first_builds(folder) as first:
+        if first:
+            from test_templates_tokenizers import llama3_tokenizer, save
+
+            from ovis_model.tiny import write_tiny_parts
+
+            write_tiny_parts(folder, image_size=28, tokenizer_dir=save(llama3_tokenizer(), folder / "tok"))
+    return folder / "llm", folder / "vit"
+
+
+@pytest.fixture(scope="session")
+def packed(demo_root: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stages 1-3 of the demo corpus packed for the tiny model (6 visual tokens, 28 px images, 256-token
+    sequences, 4 a shard) with the tokenizer of its LLM folder, as users pack with their LLM's: OUT, with
+    OUT/stageN. Built once per run; read-only. The data root it was packed from (validated, its catalogs
+    written) is OUT/../data."""
+    folder = run_folder(tmp_path_factory) / "tiny_packed"
+    with first_builds(folder) as first:
+        if first:
+            from ovis_data.pack.stage import pack_stage
+
+            shutil.copytree(demo_root, folder / "data")
+            settings = dict(processes=1, packs_per_shard=4, visual_tokens=6, image_size=28, max_length=256)
+            for stage in (1, 2, 3):
+                pack_stage(stage, folder / "data", parts[0], folder / "packed", **settings)
+    return folder / "packed"
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `ovis-data` as a user would (a real process, real exit status)."""
     full_env = {**os.environ, **(env or {})}

@@ -18,26 +18,13 @@ from pathlib import Path
 
 import pytest
 from conftest import train_here
-from test_train import FAST, FAST_IN_PROCESS, free_port, parts, run_losses, tokenizer_dir, train_env  # noqa: F401 - fixtures
+from test_train import FAST, FAST_IN_PROCESS, free_port, run_losses, train_env
 
-from ovis_data.pack.stage import pack_stage
 from ovis_data.shards import iter_records
 from ovis_model.train.elastic import ElasticError, check_zero3_world
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = "40"  # never reached: the epoch under test ends first; the same in every run (the LR schedule)
-
-
-@pytest.fixture(scope="module")
-def packed1(demo_root: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
-    """Stage 1 of the demo corpus packed for the tiny model (small records: many micro-batches)."""
-    root = tmp_path_factory.mktemp("elasticroot") / "data"
-    shutil.copytree(demo_root, root)
-    out = tmp_path_factory.mktemp("elasticpacked")
-    pack_stage(
-        1, root, parts[0], out, processes=1, packs_per_shard=4, visual_tokens=6, image_size=28, max_length=256
-    )
-    return out
 
 
 def _all_sample_keys(stage_dir: Path) -> set[str]:
@@ -57,7 +44,7 @@ def _samples(run_dir: Path, epoch: int) -> list[str]:
 def _command(
     world: int,
     packed: Path,
-    parts: tuple[Path, Path],  # noqa: F811
+    parts: tuple[Path, Path],
     out: Path,
     *extra: str,
     fast: list[str] = FAST,
@@ -142,7 +129,7 @@ def _stop_then_resume(
     out: Path,
     first: tuple,
     second: tuple,
-    steps: int,  # noqa: F811
+    steps: int,
 ) -> None:
     """Run `first` (world, extra args) for `steps` steps, resume as `second` until epoch 0 ends; check."""
     run_dir = out / "stage1"
@@ -159,29 +146,29 @@ def _stop_then_resume(
     _check_epoch(run_dir, packed, stopped_at, resumed)
 
 
-def test_two_ranks_resume_on_one(packed1: Path, parts: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
-    _stop_then_resume(packed1, parts, tmp_path, (2,), (1,), steps=3)
+def test_two_ranks_resume_on_one(packed: Path, parts: tuple[Path, Path], tmp_path: Path) -> None:
+    _stop_then_resume(packed, parts, tmp_path, (2,), (1,), steps=3)
 
 
 def test_one_rank_resume_on_two_with_another_budget(
-    packed1: Path,
-    parts: tuple[Path, Path],  # noqa: F811
+    packed: Path,
+    parts: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
-    _stop_then_resume(packed1, parts, tmp_path, (1,), (2, "--micro-batch-tokens", "512"), steps=3)
+    _stop_then_resume(packed, parts, tmp_path, (1,), (2, "--micro-batch-tokens", "512"), steps=3)
 
 
 def test_zero3_on_another_size_is_refused_in_one_line(
-    packed1: Path,
-    parts: tuple[Path, Path],  # noqa: F811
+    packed: Path,
+    parts: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
     zero3 = ("--set", "deepspeed=zero3.json", "--set", 'trainable=["all"]', "--max-steps", "2")
     # the one-rank run in this process (its checkpoint is what matters), the refused resume on two real ranks
-    one_rank = _command(1, packed1, parts, tmp_path, *zero3, fast=FAST_IN_PROCESS)
+    one_rank = _command(1, packed, parts, tmp_path, *zero3, fast=FAST_IN_PROCESS)
     first = train_here(*one_rank[3:])  # the arguments after `python -m ovis_model.train`
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    again = _command(2, packed1, parts, tmp_path, *zero3, "--resume")
+    again = _command(2, packed, parts, tmp_path, *zero3, "--resume")
     resumed = subprocess.run(again, capture_output=True, text=True, env=train_env(), timeout=900, cwd=REPO)
     assert resumed.returncode != 0
     errors = {line for line in resumed.stderr.splitlines() if line.startswith("error:")}

@@ -13,9 +13,6 @@ import torch
 import torch.nn.functional as F
 from conftest import train_here
 from test_train import FAST, ovis_train
-from test_train import packed as packed  # noqa: F401 - fixtures shared with the trainer's tests
-from test_train import parts as parts  # noqa: F401
-from test_train import tokenizer_dir as tokenizer_dir  # noqa: F401
 
 from ovis_model.batching import collate_packed
 from ovis_model.chunked import lm_loss_sum, rows_per_chunk, soft_visual_embeddings
@@ -184,8 +181,8 @@ def test_estimate_grows_linearly_except_for_dense_attention() -> None:
 
 
 def test_peak_memory_per_step_and_a_budget_that_cannot_fit(
-    packed: Path,  # noqa: F811
-    parts: tuple[Path, Path],  # noqa: F811
+    packed: Path,
+    parts: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
     llm_dir, vit_dir = parts

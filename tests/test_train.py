@@ -22,10 +22,6 @@ import pytest
 import torch
 from conftest import call, one_line_error, train_here
 from safetensors.torch import load_file
-from test_templates_tokenizers import llama3_tokenizer, save
-
-from ovis_data.pack.stage import pack_stage
-from ovis_model.tiny import write_tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 # CPU-sized settings: a tiny model, a small global batch so that the demo corpus gives several steps
@@ -63,40 +59,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real byte-level BPE with Llama 3's special tokens and a 600-token vocabulary: the LM head of a
-    151k vocabulary would be ~90% of each CPU step (the demo trains with the real Qwen2.5 tokenizer)."""
-    return save(llama3_tokenizer(), tmp_path_factory.mktemp("tok") / "llama3")
-
-
-@pytest.fixture(scope="module")
-def packed(demo_root: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stages 1-3 of the demo corpus packed for the tiny model (6 visual tokens, 28 px images), with the
-    tokenizer of its LLM folder, as users pack with their LLM's."""
-    root = tmp_path_factory.mktemp("trainroot") / "data"
-    shutil.copytree(demo_root, root)
-    out = tmp_path_factory.mktemp("packed")
-    for stage in (1, 2, 3):
-        pack_stage(
-            stage,
-            root,
-            parts[0],
-            out,
-            processes=1,
-            packs_per_shard=4,
-            visual_tokens=6,
-            image_size=28,
-            max_length=256,
-        )
-    return out
-
-
-@pytest.fixture(scope="module")
-def parts(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_tiny_parts(tmp_path_factory.mktemp("parts"), image_size=28, tokenizer_dir=tokenizer_dir)
 
 
 def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:

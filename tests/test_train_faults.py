@@ -5,8 +5,6 @@ One packed stage and one trained run (3 steps, a checkpoint at each) are shared 
 copies what it damages. Real processes, real DeepSpeed on CPU, real tars.
 """
 
-# ruff: noqa: F811 - the fixtures shared with test_train are imported, and test arguments name them
-
 from __future__ import annotations
 
 import json
@@ -22,29 +20,11 @@ from pathlib import Path
 
 import pytest
 from conftest import train_here
-from test_train import FAST, FAST_IN_PROCESS, ovis_train, parts, tokenizer_dir, train_env  # noqa: F401 - fixtures
+from test_train import FAST, FAST_IN_PROCESS, ovis_train, train_env
 
-from ovis_data.pack.stage import pack_stage
 from ovis_model.train import ckpt_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data_root(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the demo corpus (pack writes its catalogs into it)."""
-    root = tmp_path_factory.mktemp("faultroot") / "data"
-    shutil.copytree(demo_root, root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def packed1(data_root: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Stage 1 of the demo corpus packed for the tiny model (OUT/stage1)."""
-    out = tmp_path_factory.mktemp("packed1")
-    pack_stage(1, data_root, parts[0], out, processes=1, packs_per_shard=4, visual_tokens=6, image_size=28,
-               max_length=256)  # fmt: skip
-    return out
 
 
 def _common(packed: Path, parts: tuple[Path, Path], steps: int, fast: list[str] = FAST) -> list[str]:
@@ -58,10 +38,10 @@ def _here(packed: Path, parts: tuple[Path, Path], steps: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(packed1: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(packed: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RUN with stage1/checkpoints/step1..3 and stage1/model."""
     out = tmp_path_factory.mktemp("trained") / "run"
-    p = train_here(*_here(packed1, parts, 3), "--out", str(out))
+    p = train_here(*_here(packed, parts, 3), "--out", str(out))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
@@ -130,7 +110,7 @@ def _kill_and_expect_no_orphans(proc: subprocess.Popen, watched: set[int]) -> No
 
 
 def test_two_runs_one_folder_sigkill_and_resume(
-    packed1: Path,
+    packed: Path,
     parts: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
@@ -143,7 +123,7 @@ def test_two_runs_one_folder_sigkill_and_resume(
     stage = out / "stage1"
     # far more steps than it will live: the first run must still hold the folder when the second starts,
     # however slow the machine (it is killed below)
-    common = _common(packed1, parts, 100_000)
+    common = _common(packed, parts, 100_000)
     cmd = [sys.executable, "-m", "ovis_model.train", *common, "--out", str(out)]
     quiet = {"stdout": subprocess.DEVNULL, "env": train_env(), "cwd": REPO}
     first = subprocess.Popen(cmd, stderr=subprocess.PIPE, **quiet)
@@ -171,7 +151,7 @@ def test_two_runs_one_folder_sigkill_and_resume(
     ext.mkdir()
     env = {**train_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
     resumed = subprocess.run(
-        [sys.executable, "-m", "ovis_model.train", *_common(packed1, parts, last + 1), "--out", str(out),
+        [sys.executable, "-m", "ovis_model.train", *_common(packed, parts, last + 1), "--out", str(out),
          "--resume"],
         capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
     )  # fmt: skip
@@ -183,10 +163,8 @@ def test_two_runs_one_folder_sigkill_and_resume(
     assert (stage / ".lock").read_text() == ""  # released at the clean end
 
 
-def test_sigkill_of_pack_leaves_no_worker(
-    packed1: Path, data_root: Path, parts: tuple[Path, Path], tmp_path: Path
-) -> None:
-    root = data_root  # validated when packed1 was packed: pack goes straight to its pool
+def test_sigkill_of_pack_leaves_no_worker(packed: Path, parts: tuple[Path, Path], tmp_path: Path) -> None:
+    root = packed.parent / "data"  # validated when `packed` was packed: pack goes straight to its pool
     cmd = [sys.executable, "-m", "ovis_data", "pack", "--stage", "1", "--root", str(root), "--tokenizer",
            str(parts[0]), "--out", str(tmp_path / "packed"), "--processes", "2", "--visual-tokens", "6",
            "--image-size", "28", "--max-length", "256", "--packs-per-shard", "4"]  # fmt: skip
@@ -211,7 +189,7 @@ def test_sigkill_of_pack_leaves_no_worker(
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     trained: Path,
-    packed1: Path,
+    packed: Path,
     parts: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
@@ -219,7 +197,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     stage = out / "stage1"
     states = stage / "checkpoints" / "step3" / "mp_rank_00_model_states.pt"
     states.write_bytes(states.read_bytes()[:1000])  # truncated, as a full disk or a cut copy leaves it
-    p = train_here(*_here(packed1, parts, 4), "--out", str(out), "--resume")
+    p = train_here(*_here(packed, parts, 4), "--out", str(out), "--resume")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"{stage / 'checkpoints' / 'step3'} cannot be resumed from: {states} has 1,000 bytes" in p.stdout
     assert f"resumed from {stage / 'checkpoints' / 'step2'} at step 2" in p.stdout
@@ -238,7 +216,7 @@ class _Payload:
 
 def test_planted_pickle_in_a_checkpoint_never_runs(
     trained: Path,
-    packed1: Path,
+    packed: Path,
     parts: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
@@ -250,7 +228,7 @@ def test_planted_pickle_in_a_checkpoint_never_runs(
     planted = tag / "mp_rank_00_model_states.pt"
     torch.save({"module": _Payload(marker), "dp_world_size": 1}, planted)
     ckpt_manifest.write(tag, 3)  # its manifest rewritten too: only the weights-only loading stands in the way
-    p = train_here(*_here(packed1, parts, 4), "--out", str(out), "--resume")
+    p = train_here(*_here(packed, parts, 4), "--out", str(out), "--resume")
     _error_line(p, 2, str(planted), "refused", "posix.system")
     assert not marker.exists()
     # the control: loading that file the way DeepSpeed does runs the payload
@@ -277,12 +255,12 @@ def _garble_images(stage_dir: Path, shards: list[str] | None = None) -> int:
 
 
 def test_skip_bad_shards_never_loses_data_silently(
-    packed1: Path,
+    packed: Path,
     parts: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
     broken = tmp_path / "broken" / "stage1"
-    shutil.copytree(packed1 / "stage1", broken)
+    shutil.copytree(packed / "stage1", broken)
     assert _garble_images(broken) > 0
     skip = ["--set", "train.skip_bad_shards=true"]
     p = train_here(*_here(broken, parts, 3), *skip, "--out", str(tmp_path / "all"))
@@ -291,7 +269,7 @@ def test_skip_bad_shards_never_loses_data_silently(
     assert not (tmp_path / "all" / "stage1" / "model").exists()
 
     one = tmp_path / "one" / "stage1"
-    shutil.copytree(packed1 / "stage1", one)
+    shutil.copytree(packed / "stage1", one)
     name = sorted(one.glob("*.tar"))[0].name
     _garble_images(one, [name])
     p = train_here(*_here(one, parts, 2), *skip, "--set", "train.max_lost_fraction=0.5", "--out",
@@ -306,7 +284,7 @@ def test_skip_bad_shards_never_loses_data_silently(
 
 def test_bad_starts_are_one_line_before_compute(
     trained: Path,
-    packed1: Path,
+    packed: Path,
     parts: tuple[Path, Path],
     tmp_path: Path,
 ) -> None:
@@ -316,24 +294,24 @@ def test_bad_starts_are_one_line_before_compute(
 
     # --resume where there is no checkpoint (a mistyped --out): refused, saying where it looked
     typo = tmp_path / "typo"
-    _error_line(ovis_train(*_common(packed1, parts, 2), "--out", str(typo), "--resume"), 2,
+    _error_line(ovis_train(*_common(packed, parts, 2), "--out", str(typo), "--resume"), 2,
                 str(typo / "stage1" / "checkpoints"))  # fmt: skip
     assert not typo.exists()  # a refused run leaves no folder (nor its lock) behind
     # a shard missing, a shard truncated: refused before any compute, naming it
     data = tmp_path / "data" / "stage1"
-    shutil.copytree(packed1 / "stage1", data)
+    shutil.copytree(packed / "stage1", data)
     shards = sorted(data.glob("*.tar"))
     shards[1].unlink()
     _error_line(
         train_here(*_common(data, parts, 2), "--out", str(tmp_path / "r1")), 2, str(shards[1]), "missing"
     )
-    shutil.copy(packed1 / "stage1" / shards[1].name, shards[1])
+    shutil.copy(packed / "stage1" / shards[1].name, shards[1])
     shards[2].write_bytes(shards[2].read_bytes()[:-1024])
     _error_line(
         train_here(*_common(data, parts, 2), "--out", str(tmp_path / "r2")), 2, str(shards[2]), "bytes"
     )
     # a shard of the right size but other bytes: --verify-data finds it
-    shutil.copy(packed1 / "stage1" / shards[2].name, shards[2])
+    shutil.copy(packed / "stage1" / shards[2].name, shards[2])
     _garble_images(data, [shards[3].name])
     _error_line(train_here(*_common(data, parts, 2), "--out", str(tmp_path / "r3"), "--verify-data"), 2,
                 str(shards[3]), "sha256")  # fmt: skip
@@ -343,7 +321,7 @@ def test_bad_starts_are_one_line_before_compute(
     for f in init.glob("*.safetensors"):
         f.unlink()
     (init / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
-    p = train_here("--stage", "1", "--data", str(packed1), "--out", str(tmp_path / "r4"), "--init", str(init),
+    p = train_here("--stage", "1", "--data", str(packed), "--out", str(tmp_path / "r4"), "--init", str(init),
                    *FAST)  # fmt: skip
     _error_line(p, 2, str(init / "pytorch_model.bin"), "safetensors")
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
@@ -371,7 +349,7 @@ def test_kill_during_export_keeps_the_previous_model(trained: Path, tmp_path: Pa
     assert (tmp_path / "model.partial" / "config.json").exists()
 
 
-def test_full_disk_is_one_line(packed1: Path, parts: tuple[Path, Path], tmp_path: Path) -> None:
+def test_full_disk_is_one_line(packed: Path, parts: tuple[Path, Path], tmp_path: Path) -> None:
     mnt = tmp_path / "small"
     mnt.mkdir()
     m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True,
@@ -380,7 +358,7 @@ def test_full_disk_is_one_line(packed1: Path, parts: tuple[Path, Path], tmp_path
         pytest.skip(f"cannot mount a small tmpfs here: {m.stderr.strip() or m.returncode}")
     try:
         out = mnt / "run"
-        p = train_here(*_here(packed1, parts, 2), "--out", str(out))
+        p = train_here(*_here(packed, parts, 2), "--out", str(out))
         line = _error_line(
             p, 1, str(out / "stage1" / "checkpoints"), "no space left on device", "needs about"
         )

@@ -24,21 +24,13 @@ from ovis_data.shards import read_records
 from ovis_model.batching import collate_packed
 from ovis_model.modeling import Ovis
 from ovis_model.preprocess import decode_rgb
-from ovis_model.tiny import write_tiny_parts
 
 HOLDOUT = 0.25
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from test_templates_tokenizers import llama3_tokenizer, save
-
-    tok = save(llama3_tokenizer(), tmp_path_factory.mktemp("tok") / "llama3")
-    return write_tiny_parts(tmp_path_factory.mktemp("parts"), image_size=28, tokenizer_dir=tok)
-
-
-@pytest.fixture(scope="module")
-def packed(demo_root: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def held_out(demo_root: Path, parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Stage 1 packed for the tiny model (conftest.parts), a quarter of each dataset held out (stage1/val)."""
     root = tmp_path_factory.mktemp("valroot") / "data"
     shutil.copytree(demo_root, root)
     out = tmp_path_factory.mktemp("packed")
@@ -55,8 +47,10 @@ def _sample_ids(stage_dir: Path) -> list[tuple[str, str]]:
     return ids
 
 
-def test_the_val_split_is_disjoint_and_deterministic(packed: Path, parts, demo_root, tmp_path: Path) -> None:
-    stage = packed / "stage1"
+def test_the_val_split_is_disjoint_and_deterministic(
+    held_out: Path, parts, demo_root, tmp_path: Path
+) -> None:
+    stage = held_out / "stage1"
     train, val = _sample_ids(stage), _sample_ids(stage / "val")
     manifest = json.loads((stage / "manifest.json").read_text())
     vman = json.loads((stage / "val" / "manifest.json").read_text())
@@ -102,10 +96,10 @@ def _direct_val_loss(model_dir: Path, val_dir: Path) -> float:
     return total / count
 
 
-def test_training_logs_val_loss_keeps_the_best_and_reports_mfu(packed: Path, parts, tmp_path: Path) -> None:
+def test_training_logs_val_loss_keeps_the_best_and_reports_mfu(held_out: Path, parts, tmp_path: Path) -> None:
     llm, vit = parts
     p = train_here(
-        "--stage", "1", "--data", str(packed), "--out", str(tmp_path), "--llm", str(llm), "--vit", str(vit),
+        "--stage", "1", "--data", str(held_out), "--out", str(tmp_path), "--llm", str(llm), "--vit", str(vit),
         "--max-steps", "4", "--set", "train.eval_every=2", "--set", "train.keep_best=true",
         "--set", "train.peak_tflops=0.5", "--set", 'trainable=["all"]', *FAST_IN_PROCESS,
     )  # fmt: skip
@@ -119,20 +113,20 @@ def test_training_logs_val_loss_keeps_the_best_and_reports_mfu(packed: Path, par
     assert [r["step"] for r in vals] == [2, 4]  # the end (step 4) is not evaluated twice
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val_loss"] == vals[-1]["val_loss"]
-    direct = _direct_val_loss(run / "model", packed / "stage1" / "val")
+    direct = _direct_val_loss(run / "model", held_out / "stage1" / "val")
     assert vals[-1]["val_loss"] == pytest.approx(direct, rel=1e-5)
     best = json.loads((run / "model_best" / "val.json").read_text())
     assert best["val_loss"] == min(r["val_loss"] for r in vals)
-    assert _direct_val_loss(run / "model_best", packed / "stage1" / "val") == pytest.approx(
+    assert _direct_val_loss(run / "model_best", held_out / "stage1" / "val") == pytest.approx(
         best["val_loss"], rel=1e-5
     )
     assert list((run / "tensorboard").glob("events.*"))
     assert "val_loss" in p.stderr
 
 
-def test_a_run_without_a_val_split_says_so_once(packed: Path, parts, tmp_path: Path) -> None:
+def test_a_run_without_a_val_split_says_so_once(held_out: Path, parts, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    shutil.copytree(packed / "stage1", data / "stage1", ignore=shutil.ignore_patterns("val"))
+    shutil.copytree(held_out / "stage1", data / "stage1", ignore=shutil.ignore_patterns("val"))
     llm, vit = parts
     p = train_here(
         "--stage", "1", "--data", str(data), "--out", str(tmp_path / "run"), "--llm", str(llm),
@@ -147,7 +141,7 @@ def test_a_run_without_a_val_split_says_so_once(packed: Path, parts, tmp_path: P
 
 
 def test_two_ranks_zero3_train_and_their_val_loss_covers_the_whole_split(
-    packed: Path, parts, tmp_path: Path
+    held_out: Path, parts, tmp_path: Path
 ) -> None:
     """`ovis-train` on two ranks (torchrun, gloo) under ZeRO-3 trains every step and saves the gathered
     weights; each rank evaluates its share of the val split (one rank gets an empty micro-batch when the
@@ -155,7 +149,7 @@ def test_two_ranks_zero3_train_and_their_val_loss_covers_the_whole_split(
     llm, vit = parts
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "ovis_model.train",
-           "--stage", "1", "--data", str(packed), "--out", str(tmp_path), "--llm", str(llm),
+           "--stage", "1", "--data", str(held_out), "--out", str(tmp_path), "--llm", str(llm),
            "--vit", str(vit), "--max-steps", "2", "--set", "deepspeed=zero3.json",
            "--set", 'trainable=["all"]', "--micro-batch-tokens", "300", *FAST_IN_PROCESS[:-2]]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), timeout=400, cwd=REPO)
@@ -169,11 +163,11 @@ def test_two_ranks_zero3_train_and_their_val_loss_covers_the_whole_split(
     assert all(w.numel() > 0 for w in weights.values())  # ZeRO-3's partitions gathered
     assert any(not torch.equal(weights[k], llm0[k[4:]]) for k in weights if k.startswith("llm."))
     summary = json.loads((run_dir / "summary.json").read_text())
-    direct = _direct_val_loss(run_dir / "model", packed / "stage1" / "val")
+    direct = _direct_val_loss(run_dir / "model", held_out / "stage1" / "val")
     assert summary["val_loss"] == pytest.approx(direct, rel=1e-5)
 
 
-def test_pack_command_holdout(packed: Path, parts, demo_root: Path, tmp_path: Path) -> None:
+def test_pack_command_holdout(held_out: Path, parts, demo_root: Path, tmp_path: Path) -> None:
     from conftest import run_cli
 
     root = tmp_path / "data"
@@ -187,7 +181,7 @@ def test_pack_command_holdout(packed: Path, parts, demo_root: Path, tmp_path: Pa
     ]
     ok = run_cli(*common, "--out", str(tmp_path / "out"), "--holdout", str(HOLDOUT))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    held = json.loads((packed / "stage1" / "val" / "manifest.json").read_text())["samples"]
+    held = json.loads((held_out / "stage1" / "val" / "manifest.json").read_text())["samples"]
     assert f"{held} samples held out for validation" in ok.stdout.replace("\n", " ")
-    for tar in sorted((packed / "stage1" / "val").glob("*.tar")):  # the library's and the command's bytes
+    for tar in sorted((held_out / "stage1" / "val").glob("*.tar")):  # the library's and the command's bytes
         assert tar.read_bytes() == (tmp_path / "out" / "stage1" / "val" / tar.name).read_bytes()
