@@ -36,8 +36,8 @@ FAST = [
 ]  # fmt: skip
 # FAST with the batches read in the trainer's own process, for runs whose claim is not about the loader's
 # workers (each worker is a fresh Python importing torch, per run and rank): the two-rank runs here are
-# about ranks and ZeRO; the SIGTERM/SIGKILL, resume and elastic runs here and in test_elastic/
-# test_train_faults keep one (on two ranks too), test_loader tests them
+# about ranks and ZeRO; the SIGTERM/SIGKILL and resume runs here and in test_train_faults and one elastic
+# run in test_elastic (two ranks resumed on one) keep one, test_loader tests them
 FAST_IN_PROCESS = ["train.num_workers=0" if a == "train.num_workers=1" else a for a in FAST]
 
 
