@@ -202,12 +202,13 @@ def test_dependencies_stay_quiet(tmp_path: Path, capfd: pytest.CaptureFixture) -
 
 
 def test_ctrl_c_during_pack_says_one_line_and_the_rerun_finishes(
-    demo_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    packed: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C reaches a real process group (the CLI and its pool); the re-run, the same command, goes
-    through the same entry point in this process."""
+    through the same entry point in this process. The demo corpus as validated when conftest's `packed`
+    was packed: both runs go straight to packing."""
     root, out = tmp_path / "data", tmp_path / "packed"
-    shutil.copytree(demo_root, root)
+    shutil.copytree(packed.parent / "data", root)
     argv = [sys.executable, "-m", "ovis_data", "pack", "--stage", "3", "--root", str(root), "--tokenizer",
             str(bundled_qwen_tokenizer_dir()), "--out", str(out), "--processes", "2"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "OVIS_DATA_ROOT"}
