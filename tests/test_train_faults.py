@@ -146,13 +146,14 @@ def test_two_runs_one_folder_sigkill_and_resume(
             first.wait()
     logged = _steps(stage)
     last = max(int(p.name[4:]) for p in (stage / "checkpoints").glob("step*"))
-    # an empty extension cache: a CPU run compiles nothing into it (no minute of g++, no build lock)
+    # an empty extension cache: a CPU run compiles nothing into it (no minute of g++, no build lock); its
+    # batches read in its own process (the killed run's loader worker is what the kill above is about)
     ext = tmp_path / "ext"
     ext.mkdir()
     env = {**train_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
     resumed = subprocess.run(
-        [sys.executable, "-m", "ovis_model.train", *_common(packed, parts, last + 1), "--out", str(out),
-         "--resume"],
+        [sys.executable, "-m", "ovis_model.train", *_common(packed, parts, last + 1, FAST_IN_PROCESS),
+         "--out", str(out), "--resume"],
         capture_output=True, text=True, env=env, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
