@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import call, one_line_error, train_here
+from conftest import RANK_VARIABLES, call, one_line_error, train_here
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def train_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in RANK_VARIABLES:
         env.pop(key, None)
     return env
 

@@ -26,6 +26,7 @@ from .config import ConfigError, StepPlan, TrainConfig, deepspeed_config, plan_s
 from .contract import ContractError, check_manifest
 from .datacheck import DataCheckError, check_shards
 from .dataset import PackedStage, read_manifest
+from .elastic import ElasticError, check_zero3_world
 from .loader import TrainLoader
 from .runlock import RunLock, RunLockedError
 
@@ -138,8 +139,6 @@ def check_resume(args: RunArgs, ckpt: Path, zero_stage: int) -> None:
             "the run's folder? Without --resume the stage starts from step 0"
         )
     if args.resume and zero_stage == 3:
-        from .elastic import ElasticError, check_zero3_world
-
         try:
             check_zero3_world(ckpt, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's, before init
         except ElasticError as e:
